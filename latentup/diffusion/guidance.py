@@ -1,0 +1,25 @@
+"""Classifier-free guidance on the denoised prediction (SPEC §3.7):
+
+    D = D_u + g (D_c - D_u),
+
+evaluated as one batched call over [unconditional || conditional] (the unconditional half first, as diffusers).
+"""
+
+import torch
+
+
+def _stack(uncond: dict, cond: dict) -> dict:
+    return {k: None if cond[k] is None else torch.cat([uncond[k], cond[k]]) for k in cond}
+
+
+def guided(denoiser, cond: dict, scale: float = 1.0, uncond: dict | None = None):
+    """``model(x, sigma) -> x0`` for a denoiser and conditioning dicts; CFG when ``scale > 1`` and uncond is given."""
+    if uncond is None or scale <= 1.0:
+        return lambda x, sigma: denoiser(x, sigma, **cond)
+    both = _stack(uncond, cond)
+
+    def model(x, sigma):
+        d_uncond, d_cond = denoiser(torch.cat([x, x]), sigma, **both).chunk(2)
+        return d_uncond + scale * (d_cond - d_uncond)
+
+    return model

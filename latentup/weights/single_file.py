@@ -1,0 +1,77 @@
+"""latentup's portable single-file format: one safetensors file holding an upscaler and its config.
+
+Tensors: ``unet.<diffusers key>`` (the U-Net, usually EMA weights) and, when the model was trained with noise
+augmentation, ``noise_fourier.weight`` [n, 1] (the fixed low-res noise-level Fourier weights).
+Metadata (strings): ``format`` = ``latentup.upscaler/1``, ``unet_config`` (UNetConfig fields as JSON), ``meta``
+(JSON: autoencoder, text encoder, training summary, recommended sampler settings).
+"""
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from latentup.errors import WeightsMismatchError
+
+FORMAT = "latentup.upscaler/1"
+
+
+@dataclass
+class UpscalerFile:
+    unet_config: dict
+    unet_state: dict[str, torch.Tensor]
+    noise_fourier: torch.Tensor | None = None
+    meta: dict = field(default_factory=dict)
+
+
+def save_upscaler(path, unet_state, unet_config: dict, noise_fourier=None, meta: dict | None = None, dtype=None) -> Path:
+    """Write the file atomically (temp file + rename); ``dtype`` optionally casts floating tensors (e.g. fp16)."""
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().cpu().contiguous()
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    tensors = {f"unet.{k}": cast(v) for k, v in unet_state.items()}
+    if noise_fourier is not None:
+        tensors["noise_fourier.weight"] = noise_fourier.detach().cpu().float().contiguous()
+    metadata = {"format": FORMAT, "unet_config": json.dumps(unet_config), "meta": json.dumps(meta or {})}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def is_upscaler_file(path) -> bool:
+    """True for a safetensors file written by :func:`save_upscaler`."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            return (f.metadata() or {}).get("format") == FORMAT
+    except Exception:  # noqa: BLE001 - not a safetensors file at all
+        return False
+
+
+def load_upscaler(path) -> UpscalerFile:
+    """Read a latentup single file (tensors on CPU, stored dtype)."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise WeightsMismatchError(
+                f"{path} is not a latentup upscaler file (metadata format={metadata.get('format')!r}); "
+                "pass a diffusers folder, a k-diffusion checkpoint or a file written by latentup"
+            )
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
+    return UpscalerFile(
+        json.loads(metadata["unet_config"]), unet, tensors.get("noise_fourier.weight"), json.loads(metadata.get("meta", "{}"))
+    )
