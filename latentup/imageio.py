@@ -1,0 +1,136 @@
+"""Image and latent files in and out: EXIF orientation, RGBA / greyscale, reflect padding, atomic writes."""
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from latentup.errors import InputError
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+
+
+def load_image(path) -> Image.Image:
+    """Open an image with its EXIF orientation applied; a one-line InputError when it is missing or corrupt."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input image {path} does not exist: check the path")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise InputError(f"input {path} is not a readable image ({error.__class__.__name__}): use a PNG/JPEG/WEBP file") from None
+
+
+def list_images(folder) -> list[Path]:
+    """Image files of a folder, sorted by name; an InputError when there are none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise InputError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None, str]:
+    """(RGB image, alpha channel or None, original mode); palette and greyscale images become RGB."""
+    mode = image.mode
+    alpha = None
+    if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        alpha = rgba.getchannel("A")
+        image = rgba
+    return image.convert("RGB"), alpha, mode
+
+
+def merge_alpha(rgb: Image.Image, alpha: Image.Image | None, mode: str) -> Image.Image:
+    """Undo :func:`split_alpha` on the 2x result (alpha enlarged with a bicubic filter)."""
+    if mode in ("L", "I", "I;16", "F"):
+        return rgb.convert("L")
+    if alpha is None:
+        return rgb
+    out = rgb.copy()
+    out.putalpha(alpha.resize(rgb.size, Image.BICUBIC))
+    return out.convert("LA") if mode == "LA" else out
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [1, 3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
+
+
+def to_pil(images: torch.Tensor) -> list[Image.Image]:
+    """[B, 3, H, W] in [0, 1] -> uint8 PIL images (rounded, as diffusers' postprocessing)."""
+    arrays = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    return [Image.fromarray(a) for a in arrays]
+
+
+def _reflect_index(n: int, total: int) -> torch.Tensor:
+    """Indices 0..total-1 folded into 0..n-1 by repeated mirror reflection (works for any padding size)."""
+    if n == 1:
+        return torch.zeros(total, dtype=torch.long)
+    period = 2 * (n - 1)
+    i = torch.arange(total) % period
+    return torch.where(i < n, i, period - i)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Reflect-pad the bottom/right of [B, C, H, W] to sides that are multiples of ``multiple`` and >= ``minimum``."""
+    h, w = x.shape[-2:]
+    th = max(minimum, -(-h // multiple) * multiple)
+    tw = max(minimum, -(-w // multiple) * multiple)
+    if (th, tw) == (h, w):
+        return x, (h, w)
+    x = x.index_select(-2, _reflect_index(h, th).to(x.device))
+    return x.index_select(-1, _reflect_index(w, tw).to(x.device)), (h, w)
+
+
+def _atomic(path: Path, write) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def save_image(image: Image.Image, path, quality: int = 95) -> Path:
+    """Write an image atomically; the format follows the suffix (JPEG drops alpha)."""
+    path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise InputError(f"cannot write {path}: unknown image suffix, use .png, .jpg or .webp")
+    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
+        image = image.convert("RGB")
+    return _atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality))
+
+
+def load_latent(path) -> torch.Tensor:
+    """A latent [B, C, h, w] (SD-scaled) from key ``latent`` of a safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"input latent {path} does not exist: check the path")
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise InputError(f"{path} is not a readable safetensors file ({error.__class__.__name__})") from None
+    if "latent" not in tensors:
+        raise InputError(f"{path} has no tensor named 'latent' (found: {', '.join(tensors) or 'none'}): save it under 'latent'")
+    latent = tensors["latent"]
+    latent = latent[None] if latent.ndim == 3 else latent
+    if latent.ndim != 4:
+        raise InputError(f"latent in {path} has shape {tuple(latent.shape)}: expected [B, C, h, w] or [C, h, w]")
+    return latent.float()
+
+
+def save_latent(latent: torch.Tensor, path) -> Path:
+    """Write ``{"latent": latent}`` atomically."""
+    return _atomic(Path(path), lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, tmp))

@@ -1,0 +1,211 @@
+"""The user-facing 2x upscaler: image or SD latent in, 2x image or latent out.
+
+    low-res latent z (SD-scaled) --(text, seed)--> x ~ N(0, sigma_max^2) --sampler(D, sigmas)--> 2x latent --> decode
+
+With the released weights, ``sampler="euler"``, ``schedule="log_linear"`` and the same seed, prompt and guidance,
+the result equals diffusers' StableDiffusionLatentUpscalePipeline (SPEC §3): one CPU generator per sample,
+consumed first by the VAE posterior sample (pixel input) and then by the initial noise.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from latentup.autoencoders import Autoencoder, load_autoencoder
+from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
+from latentup.diffusion.guidance import guided
+from latentup.diffusion.precond import KarrasDenoiser
+from latentup.diffusion.samplers import get_sampler
+from latentup.diffusion.schedules import make_sigmas
+from latentup.errors import ConfigError, InputError
+from latentup.imageio import load_image, merge_alpha, pad_to_multiple, split_alpha, to_pil, to_tensor
+from latentup.nn.unet import UNet
+from latentup.weights.sources import resolve_weights
+from latentup.weights.strict import load_strict
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
+          "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Settings:
+    """Sampling knobs (the hosted API's names in brackets)."""
+
+    prompt: str | list[str] = ""  # [positivePrompt]
+    negative_prompt: str | list[str] = ""  # [negativePrompt]
+    seed: int | list[int] = 0  # [seed]; sample i of a batch uses seed + i
+    steps: int = 20  # [steps]
+    cfg_scale: float = 0.0  # [CFGScale]; <= 1 disables guidance, 0 also empties the prompt (as diffusers)
+    sampler: str = "euler"
+    schedule: str = "log_linear"
+    clip_skip: int = 1  # [clipSkip]; 1 (or 0) = last layer
+    noise_level: float = 0.0  # low-res noise augmentation sigma_lr (needs k-diffusion/latentup weights)
+
+    def validate(self):
+        get_sampler(self.sampler)
+        make_sigmas(self.schedule, self.steps)
+        if self.noise_level < 0:
+            raise ConfigError(f"noise_level must be >= 0, got {self.noise_level}")
+        return self
+
+
+def resolve_dtype(dtype, device) -> torch.dtype:
+    """A torch dtype from a name; ``auto`` is float16 on CUDA and float32 elsewhere."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {dtype!r}: use float32, float16, bfloat16 or auto")
+    return DTYPES[dtype]
+
+
+def _as_list(value, n: int, name: str) -> list:
+    values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+    if len(values) != n:
+        raise ConfigError(f"{name} has {len(values)} entries for a batch of {n}: give one or {n}")
+    return values
+
+
+class Upscaler:
+    """A U-Net denoiser, an autoencoder and (for text-conditioned weights) a CLIP text conditioner."""
+
+    def __init__(self, unet: UNet, autoencoder: Autoencoder, text=None, noise_fourier=None, meta: dict | None = None):
+        self.unet, self.autoencoder, self.text = unet.eval(), autoencoder.eval(), text
+        self.denoiser = KarrasDenoiser(self.unet)
+        self.noise_fourier = noise_fourier
+        self.meta = meta or {}
+        cfg = unet.config
+        self.pooled_dim = cfg.mapping_cond_dim - 128 if cfg.mapping_cond_dim > 128 else 0
+        if (cfg.cross_attention_dim or self.pooled_dim) and text is None:
+            raise ConfigError("these weights are text-conditioned but no text encoder was given: pass text_encoder=PATH")
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.unet.parameters()).dtype
+
+    @classmethod
+    def from_pretrained(cls, weights, *, device="cpu", dtype="auto", autoencoder=None, text_encoder=None, download=False):
+        """Load any supported weights (diffusers folder, latentup file, k-diffusion checkpoint).
+
+        ``autoencoder``: an Autoencoder, or a spec for :func:`load_autoencoder` ("taesd", a vae/ folder, a file);
+        defaults to the weights' own (a diffusers ``vae/`` or the file's metadata). ``text_encoder``: a
+        CLIPTextConditioner or a HF CLIPTextModel folder; defaults to the weights' own ``text_encoder/``.
+        """
+        dtype = resolve_dtype(dtype, device)
+        parts = resolve_weights(weights)
+        unet = load_strict(UNet(parts.unet_config), parts.unet_state, "U-Net").to(device, dtype)
+        spec = autoencoder if autoencoder is not None else parts.autoencoder
+        if spec is None:
+            raise ConfigError(f"no autoencoder known for {weights}: pass autoencoder=taesd or a vae/ folder")
+        vae = spec if isinstance(spec, torch.nn.Module) else load_autoencoder(spec, download=download)
+        text = text_encoder if text_encoder is not None else parts.text_encoder
+        if text is not None and not isinstance(text, torch.nn.Module):
+            from latentup.text import CLIPTextConditioner
+
+            text = CLIPTextConditioner.from_hf(text, tokenizer=parts.tokenizer)
+        if text is not None:
+            text = text.to(device, dtype)
+        return cls(unet, vae.to(device, dtype), text, parts.noise_fourier, parts.meta)
+
+    def _conditioning(self, low_res, settings: Settings, batch: int):
+        """Per-half conditioning dicts for the denoiser: (cond, uncond or None)."""
+        sigma_lr = torch.full((batch,), float(settings.noise_level), device=self.device)
+        image_cond, noise_embed = low_res_conditioning(low_res.to(self.dtype), sigma_lr, self.noise_fourier)
+        base = {"image_cond": image_cond, "context": None, "context_mask": None}
+        use_noise = self.unet.config.mapping_cond_dim > 0
+        if self.text is None:
+            cond = {**base, "mapping_cond": noise_embed if use_noise else None}
+            return cond, None
+        prompts = _as_list(settings.prompt, batch, "prompt")
+        if settings.cfg_scale == 0:
+            prompts = [""] * batch
+        guided_run = settings.cfg_scale > 1
+
+        def encode(texts):
+            out = self.text.encode(texts, clip_skip=settings.clip_skip)
+            mapping = torch.cat([noise_embed, out.pooled.to(self.dtype)], dim=1) if self.pooled_dim else noise_embed
+            return {**base, "mapping_cond": mapping, "context": out.context.to(self.dtype)}
+
+        cond = encode(prompts)
+        uncond = encode(_as_list(settings.negative_prompt, batch, "negative_prompt")) if guided_run else None
+        return cond, uncond
+
+    @torch.no_grad()
+    def sample(self, low_res: torch.Tensor, generators: list[torch.Generator], settings: Settings, progress=False):
+        """2x latent for an SD-scaled low-res latent [B, C, h, w] (sides multiples of 4, >= 8)."""
+        batch, channels, h, w = low_res.shape
+        if channels != self.unet.config.in_channels // 2:
+            raise InputError(f"latent has {channels} channels but the model expects {self.unet.config.in_channels // 2}")
+        sigmas = make_sigmas(settings.schedule, settings.steps)
+        noise = [torch.randn((1, channels, 2 * h, 2 * w), generator=g, dtype=torch.float32) for g in generators]
+        x = torch.cat(noise).to(self.device) * sigmas[0]
+        low_res = low_res.to(self.device)
+        if settings.noise_level > 0:
+            eps = torch.cat([torch.randn((1, channels, h, w), generator=g) for g in generators]).to(self.device)
+            low_res = augment_low_res(low_res, torch.full((batch,), settings.noise_level, device=self.device), eps)
+        cond, uncond = self._conditioning(low_res, settings, batch)
+        model = guided(self.denoiser, cond, settings.cfg_scale, uncond)
+
+        def fresh_noise(like):
+            return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)
+
+        return get_sampler(settings.sampler)(model, x, sigmas, noise=fresh_noise, progress=progress)
+
+    def settings(self, **given) -> Settings:
+        """Settings from the caller's values, else the weights' recommended ones, else the defaults."""
+        recommended = {k: v for k, v in self.meta.get("recommended", {}).items() if k in Settings.__dataclass_fields__}
+        return Settings(**{**recommended, **{k: v for k, v in given.items() if v is not None}}).validate()
+
+    def generators(self, seed, batch: int) -> list[torch.Generator]:
+        seeds = seed if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]
+        return [torch.Generator("cpu").manual_seed(int(s)) for s in _as_list(seeds, batch, "seed")]
+
+    def upscale_latent(self, latent: torch.Tensor, progress=False, **settings) -> torch.Tensor:
+        """SD-scaled latent [B, C, h, w] (any size; reflect-padded to the size rule) -> [B, C, 2h, 2w] float32."""
+        s = self.settings(**settings)
+        padded, (h, w) = pad_to_multiple(latent, 4, 8)
+        out = self.sample(padded, self.generators(s.seed, latent.shape[0]), s, progress)
+        return out[..., : 2 * h, : 2 * w].float()
+
+    @torch.no_grad()
+    def upscale_image(self, image: Image.Image | str | Path, progress=False, **settings) -> Image.Image:
+        """One image (PIL or path; any size, RGB/RGBA/greyscale) -> its 2x upscale as a PIL image."""
+        image = load_image(image) if isinstance(image, (str, Path)) else image
+        s = self.settings(**settings)
+        rgb, alpha, mode = split_alpha(image)
+        factor = 4 * self.autoencoder.downscale
+        pixels, (h, w) = pad_to_multiple(to_tensor(rgb), factor, 2 * factor)
+        generators = self.generators(s.seed, 1)
+        latent = self.autoencoder.encode(pixels.to(self.device, self.dtype), generator=generators[0])
+        out = self.sample(latent.float(), generators, s, progress)
+        decoded = self.autoencoder.decode(out.to(self.dtype))[..., : 2 * h, : 2 * w]
+        return merge_alpha(to_pil(decoded)[0], alpha, mode)
+
+    def __call__(self, images, progress=False, **settings) -> list[Image.Image]:
+        """Upscale one image, a list of images/paths, or every image of a folder (seed + i for image i)."""
+        from latentup.imageio import list_images
+
+        if isinstance(images, (str, Path)) and Path(images).is_dir():
+            images = list_images(images)
+        images = images if isinstance(images, (list, tuple)) else [images]
+        seed = settings.pop("seed", None) or 0
+        return [self.upscale_image(im, progress=progress, seed=seed + i, **settings) for i, im in enumerate(images)]
+
+
+DEFAULT_WEIGHTS = Path(__file__).parent / "assets" / "latentup-x2-taesd.safetensors"
+
+
+def default_weights() -> Path:
+    """The bundled default model: a text-free 2x upscaler trained by latentup in the TAESD SD1/2 latent space."""
+    if not DEFAULT_WEIGHTS.is_file():
+        from latentup.errors import WeightsNotFoundError
+
+        raise WeightsNotFoundError(f"the bundled default model {DEFAULT_WEIGHTS.name} is missing: pass weights=PATH")
+    return DEFAULT_WEIGHTS

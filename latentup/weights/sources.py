@@ -1,0 +1,77 @@
+"""Resolve a weights argument (folder or file, any supported layout) into the parts of an upscaler.
+
+Supported: a diffusers pipeline folder (``model_index.json``, ``unet/``, ``vae/``, ``text_encoder/``,
+``tokenizer/``), a bare diffusers ``unet/`` folder, latentup's single safetensors file, and the original
+k-diffusion checkpoint (``.pth``/``.ckpt``/``.safetensors``; SPEC §4.7).
+"""
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from latentup.errors import WeightsNotFoundError
+from latentup.nn.unet import UNetConfig
+from latentup.weights.files import find_in_folder, read_state_dict
+from latentup.weights.single_file import is_upscaler_file, load_upscaler
+
+
+@dataclass
+class UpscalerParts:
+    unet_config: UNetConfig
+    unet_state: dict[str, torch.Tensor]
+    noise_fourier: torch.Tensor | None = None
+    autoencoder: str | None = None  # a load_autoencoder spec: "taesd", or a diffusers vae/ folder
+    text_encoder: Path | None = None  # a HF CLIPTextModel folder
+    tokenizer: Path | None = None  # a HF tokenizer folder
+    meta: dict = field(default_factory=dict)
+
+
+def _unet_folder(folder: Path) -> tuple[UNetConfig, dict]:
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise WeightsNotFoundError(f"{config_path} is missing: a diffusers unet/ folder needs config.json")
+    return UNetConfig.from_diffusers(json.loads(config_path.read_text())), read_state_dict(find_in_folder(folder))
+
+
+def _diffusers_pipeline(root: Path) -> UpscalerParts:
+    config, state = _unet_folder(root / "unet")
+    text = root / "text_encoder"
+    return UpscalerParts(
+        config,
+        state,
+        autoencoder=str(root / "vae") if (root / "vae").is_dir() else None,
+        text_encoder=text if text.is_dir() else None,
+        tokenizer=root / "tokenizer" if (root / "tokenizer").is_dir() else None,
+        meta={"source": "diffusers", "path": str(root)},
+    )
+
+
+def resolve_weights(weights) -> UpscalerParts:
+    """Read the U-Net (and pointers to the other components) from any supported weights location."""
+    path = Path(weights).expanduser()
+    if not path.exists():
+        raise WeightsNotFoundError(f"weights {path} do not exist: pass a diffusers folder, a .safetensors or a .pth file")
+    if path.is_dir():
+        if (path / "model_index.json").is_file():
+            return _diffusers_pipeline(path)
+        if (path / "unet").is_dir():
+            return _diffusers_pipeline(path)
+        if (path / "config.json").is_file():
+            config, state = _unet_folder(path)
+            return UpscalerParts(config, state, meta={"source": "diffusers-unet", "path": str(path)})
+        raise WeightsNotFoundError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a unet/ folder")
+    if is_upscaler_file(path):
+        file = load_upscaler(path)
+        return UpscalerParts(
+            UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in file.unet_config.items()}),
+            file.unet_state,
+            file.noise_fourier,
+            autoencoder=file.meta.get("autoencoder"),
+            meta=file.meta,
+        )
+    from latentup.weights.kdiffusion import load_kdiffusion_checkpoint
+
+    config, state, fourier = load_kdiffusion_checkpoint(path)
+    return UpscalerParts(config, state, fourier, meta={"source": "k-diffusion", "path": str(path)})
