@@ -35,7 +35,7 @@ def infer(*args) -> subprocess.CompletedProcess:
 
 
 def sampling_args(pipeline_dir):
-    return [f"weights={pipeline_dir}", f"prompt={PROMPT}", f"negative_prompt={NEGATIVE}", f"seed={SEED}",
+    return [f"weights={pipeline_dir}", f"prompt='{PROMPT}'", f"negative_prompt='{NEGATIVE}'", f"seed={SEED}",
             f"steps={STEPS}", f"cfg_scale={CFG}", "sampler=euler", "schedule=log_linear"]
 
 

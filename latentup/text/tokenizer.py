@@ -49,14 +49,18 @@ class CLIPTokenizer:
 
     @classmethod
     def from_hf(cls, folder: str | Path, context_length: int = 77) -> "CLIPTokenizer":
-        """Read a HF tokenizer folder: ``vocab.json`` (token → id) and ``merges.txt`` (``#version`` header)."""
+        """Read a HF tokenizer folder: ``vocab.json`` + ``merges.txt``, or the fast tokenizer's ``tokenizer.json``."""
         folder = Path(folder)
-        for name in ("vocab.json", "merges.txt"):
-            if not (folder / name).is_file():
-                raise WeightsNotFoundError(f"{folder / name} not found: pass a HF tokenizer folder with vocab.json and merges.txt")
-        vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-        lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
-        merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
+            lines = (folder / "merges.txt").read_text(encoding="utf-8").splitlines()
+            merges = [tuple(line.split()) for line in lines if line and not line.startswith("#version")]
+        elif (folder / "tokenizer.json").is_file():
+            model = json.loads((folder / "tokenizer.json").read_text(encoding="utf-8"))["model"]
+            vocab = model["vocab"]
+            merges = [tuple(m.split() if isinstance(m, str) else m) for m in model["merges"]]
+        else:
+            raise WeightsNotFoundError(f"no vocab.json + merges.txt or tokenizer.json in {folder}: pass a HF tokenizer folder")
         return cls(vocab, merges, context_length)
 
     def _bpe(self, word: str) -> list[int]:
