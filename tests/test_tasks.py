@@ -1,0 +1,83 @@
+"""Hosted-API tasks (RUNWARE.md §2-4) through `infer.py task=FILE.json`."""
+
+import base64
+import io
+import json
+import subprocess
+import sys
+import uuid
+
+import pytest
+from PIL import Image
+
+from conftest import REPO, SHARED
+from pipeline_fixtures import make_diffusers_pipeline
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory):
+    return make_diffusers_pipeline(tmp_path_factory.mktemp("tasks"))
+
+
+def run(pipeline_dir, tasks, tmp_path):
+    (tmp_path / "tasks.json").write_text(json.dumps(tasks))
+    return subprocess.run([sys.executable, str(REPO / "infer.py"), f"weights={pipeline_dir}", f"task={tmp_path / 'tasks.json'}",
+                           f"output={tmp_path / 'out'}", "progress=false"], capture_output=True, text=True, cwd=REPO, timeout=600)
+
+
+def test_upscale_tasks(pipeline_dir, tmp_path):
+    photo = Image.open(SHARED / "datasets/eval/Set5/bird.png").convert("RGB").resize((64, 48))
+    photo.save(tmp_path / "in.png")
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    data_uri = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+    first, second = str(uuid.uuid4()), str(uuid.uuid4())
+    tasks = [
+        {"taskType": "upscale", "taskUUID": first, "model": "runware:502@1", "inputs": {"image": str(tmp_path / "in.png")},
+         "upscaleFactor": 2, "settings": {"positivePrompt": "a bird", "negativePrompt": "blur", "steps": 3, "seed": 7,
+                                           "CFGScale": 4, "clipSkip": 2}, "outputFormat": "PNG", "includeCost": True},
+        {"taskType": "imageUpscale", "taskUUID": second, "inputImage": data_uri, "settings": {"steps": 2, "seed": 1},
+         "outputType": "dataURI", "outputFormat": "WEBP"},
+    ]
+    result = run(pipeline_dir, tasks, tmp_path)
+    assert result.returncode == 0, result.stderr
+    data = json.loads(result.stdout)["data"]
+    assert [d["taskUUID"] for d in data] == [first, second]
+    assert [d["taskType"] for d in data] == ["upscale", "imageUpscale"]
+    assert data[0]["cost"] == 0.0 and data[0]["seed"] == 7
+    path = data[0]["imageURL"].removeprefix("file://")
+    assert Image.open(path).size == (128, 96)
+    assert uuid.UUID(data[0]["imageUUID"]).version == 4 and data[0]["inputImageUUID"] == data[1]["inputImageUUID"]
+    assert data[1]["imageDataURI"].startswith("data:image/webp;base64,")
+    webp = Image.open(io.BytesIO(base64.b64decode(data[1]["imageDataURI"].partition(",")[2])))
+    assert webp.size == (128, 96)
+
+
+def test_task_errors_are_per_task(pipeline_dir, tmp_path):
+    Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "in.png")
+    good = {"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "inputs": {"image": str(tmp_path / "in.png")},
+            "settings": {"steps": 1, "seed": 0}, "outputFormat": "PNG"}
+    tasks = [
+        good,
+        {**good, "taskUUID": good["taskUUID"]},
+        {**good, "taskUUID": str(uuid.uuid4()), "upscaleFactor": 4},
+        {**good, "taskUUID": str(uuid.uuid4()), "inputs": {"image": "https://example.com/a.png"}},
+        {**good, "taskUUID": str(uuid.uuid4()), "settings": {"steps": 0}},
+        {**good, "taskUUID": str(uuid.uuid4()), "model": "runware:503@1"},
+    ]
+    result = run(pipeline_dir, tasks, tmp_path)
+    assert result.returncode == 2
+    response = json.loads(result.stdout)
+    assert len(response["data"]) == 1
+    codes = [(e["code"], e["parameter"]) for e in response["errors"]]
+    assert codes == [("conflictTaskUUID", "taskUUID"), ("invalidParameter", "upscaleFactor"),
+                     ("invalidParameter", "inputs.image"), ("invalidParameter", None), ("unsupportedModel", "model")]
+    assert "steps must be >= 1" in response["errors"][3]["message"]
+    assert result.stderr.startswith("error: 5 of 6 tasks failed")
+
+
+def test_task_file_must_be_an_array(pipeline_dir, tmp_path):
+    (tmp_path / "tasks.json").write_text('{"taskType": "upscale"}')
+    result = subprocess.run([sys.executable, str(REPO / "infer.py"), f"weights={pipeline_dir}", f"task={tmp_path / 'tasks.json'}"],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 2 and "JSON array" in result.stderr and "Traceback" not in result.stderr
