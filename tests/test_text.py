@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from hydra.utils import instantiate
 from safetensors.torch import save_file
 
-from latentup.errors import ConfigError, InputError, WeightsMismatchError, WeightsNotFoundError
+from latentup.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
 from latentup.text import CLIPTextConditioner, CLIPTokenizer, TextTowerConfig, write_hf_tokenizer_files
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -215,7 +215,7 @@ def test_mismatched_weights(tmp_path):
     with pytest.raises(WeightsNotFoundError):
         CLIPTextConditioner.from_hf(tmp_path / "nowhere")
     (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError):
+    with pytest.raises(WeightsMismatchError, match="cannot read weights"):
         CLIPTextConditioner.from_open_clip(tmp_path / "junk.pt")
 
 

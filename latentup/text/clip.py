@@ -18,11 +18,11 @@ from pathlib import Path
 
 import torch
 from open_clip.transformer import LayerNorm, QuickGELU, Transformer
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
-from latentup.errors import ConfigError, InputError, WeightsNotFoundError
+from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.text.tokenizer import CLIPTokenizer
+from latentup.weights.files import read_state_dict
 from latentup.weights.strict import load_strict
 
 ACTIVATIONS = {
@@ -220,18 +220,6 @@ def _as_tokenizer(tokenizer: CLIPTokenizer | str | Path | None, config: TextTowe
     if tokenizer is None or isinstance(tokenizer, CLIPTokenizer):
         return tokenizer
     return CLIPTokenizer.from_hf(tokenizer, config.context_length)
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """A safetensors file, or a torch pickle read with ``weights_only=True``."""
-    path = Path(path)
-    if not path.is_file():
-        raise WeightsNotFoundError(f"text encoder weights {path} not found: pass an existing file")
-    try:
-        return load_file(path) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any reader failure becomes one clear line
-        raise InputError(f"cannot read {path} as a state dict ({type(error).__name__}); TorchScript archives "
-                         "are not supported: pass safetensors or a plain torch state dict") from None
 
 
 def open_clip_text_state(state: Mapping[str, Tensor]) -> dict[str, Tensor]:

@@ -21,7 +21,10 @@ def read_state_dict(path) -> dict[str, torch.Tensor]:
         if path.suffix in PICKLE_SUFFIXES:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # noqa: BLE001 - any reader failure becomes one line
-        raise WeightsMismatchError(f"cannot read weights {path} ({type(error).__name__}: {error}); is the file complete?") from None
+        raise WeightsMismatchError(
+            f"cannot read weights {path} ({type(error).__name__}): pass a complete safetensors file or a plain torch "
+            "state dict (pickled objects and TorchScript archives are refused)"
+        ) from None
     raise WeightsMismatchError(f"weights {path} have an unknown suffix: use .safetensors (or .bin/.pth/.ckpt)")
 
 

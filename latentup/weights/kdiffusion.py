@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from latentup.errors import WeightsMismatchError, WeightsNotFoundError
+from latentup.errors import WeightsMismatchError
 from latentup.nn.unet import UNet, UNetConfig
+from latentup.weights.files import read_state_dict
 from latentup.weights.strict import mismatch_report
 
 NOISE_EMBED_KEY = "low_res_noise_embed.weight"
@@ -124,19 +125,8 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], head_dim: int
 
 
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
-    if not path.is_file():
-        raise WeightsNotFoundError(f"k-diffusion checkpoint {path} not found; "
-                                   "pass the path of the .pth/.safetensors file")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # noqa: BLE001 - any unreadable file becomes one clear line
-        raise WeightsMismatchError(f"{path} could not be read as a checkpoint ({type(error).__name__}); "
-                                   "pass a k-diffusion .pth/.ckpt or a .safetensors file") from None
-    state = next((obj[k] for k in ("model_ema", "model") if isinstance(obj, Mapping) and k in obj), obj)
+    obj = read_state_dict(path)
+    state = next((obj[k] for k in ("model_ema", "model") if k in obj), obj)
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsMismatchError(f"{path} holds no state dict (looked for 'model_ema', 'model' or a bare dict "
                                    "of tensors); pass a k-diffusion checkpoint")
