@@ -1,0 +1,33 @@
+"""Evaluate checkpoints against the autoencoder ceiling and interpolation baselines on image folders.
+
+    python evaluate.py                                             # ceiling + baselines on Set5, Set14, B100
+    python evaluate.py checkpoints=[model.safetensors] steps=20 sets=[Set5] output_dir=outputs/eval-set5
+    python evaluate.py autoencoder=sd_vae autoencoder.spec=path/to/vae lpips=false
+
+Writes results.md, summary.json, per_image.csv and grids/ under output_dir and prints the tables.
+"""
+
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+from latentup.errors import LatentupError
+
+
+@hydra.main(version_base=None, config_path="configs", config_name="evaluate")
+def main(cfg: DictConfig) -> None:
+    from pathlib import Path
+
+    from latentup.evaluation.run import from_config
+
+    try:
+        from_config(cfg)
+    except LatentupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
+    print((Path(cfg.output_dir) / "results.md").read_text())
+
+
+if __name__ == "__main__":
+    main()

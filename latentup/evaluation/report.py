@@ -1,0 +1,106 @@
+"""Evaluation outputs: the per-image CSV (append-only, the resume state), set means, a Markdown table and JSON.
+
+One CSV record per (set, image, row): ``set, image, row, width, height`` and the metric values.
+Set means give every image equal weight.
+"""
+
+import csv
+import json
+import math
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from latentup.evaluation.metrics import METRICS
+
+KEYS = ("set", "image", "row", "width", "height")
+FIELDS = (*KEYS, *METRICS)
+HEADINGS = {"psnr_y": "PSNR-Y (dB)", "psnr_rgb": "PSNR-RGB (dB)", "ssim_y": "SSIM-Y", "ssim_rgb": "SSIM-RGB",
+            "lpips": "LPIPS-alex"}
+DIGITS = {"psnr_y": 2, "psnr_rgb": 2, "ssim_y": 4, "ssim_rgb": 4, "lpips": 4}
+
+
+def read_records(path: str | Path) -> list[dict]:
+    """Records of a per-image CSV (metric values as floats); a missing file is empty, a torn last line skipped."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    records = []
+    with path.open(newline="") as handle:
+        for raw in csv.DictReader(handle):
+            if any(raw.get(k) in (None, "") for k in KEYS):
+                continue
+            try:
+                metrics = {k: float(raw[k]) for k in METRICS if raw.get(k) not in (None, "")}
+                record = {**{k: raw[k] for k in KEYS[:3]}, "width": int(raw["width"]), "height": int(raw["height"])}
+            except ValueError:
+                continue
+            records.append({**record, **metrics})
+    return records
+
+
+def append_records(path: str | Path, records: Iterable[dict]) -> None:
+    """Append records (writing the header first for a new file) and flush, so a crash loses at most one batch."""
+    path = Path(path)
+    new = not path.is_file() or path.stat().st_size == 0
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
+        if new:
+            writer.writeheader()
+        writer.writerows(records)
+
+
+def summarize(records: Iterable[dict], sets: Sequence[str], rows: Sequence[str]) -> dict:
+    """``{set: {"images": n, "rows": {row: {metric: mean}}}}``, rows in the given order (the last record of a
+    repeated (set, image, row) wins)."""
+    latest = {(r["set"], r["image"], r["row"]): r for r in records}
+    out = {}
+    for name in sets:
+        table, images = {}, set()
+        for row in rows:
+            chosen = [r for (s, _, w), r in latest.items() if s == name and w == row]
+            images |= {r["image"] for r in chosen}
+            means = {m: math.fsum(r[m] for r in chosen) / len(chosen) for m in METRICS
+                     if chosen and all(m in r for r in chosen)}
+            if means:
+                table[row] = means
+        out[name] = {"images": len(images), "rows": table}
+    return out
+
+
+def _fmt(value: float, digits: int) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else str(value)
+
+
+def markdown_table(summary: dict, protocol: str = "") -> str:
+    """One Markdown table per set (rows side by side), preceded by the protocol line."""
+    lines = [protocol, ""] if protocol else []
+    for name, data in summary.items():
+        metrics = [m for m in METRICS if any(m in v for v in data["rows"].values())]
+        lines += [f"### {name} ({data['images']} images)", "",
+                  "| row | " + " | ".join(HEADINGS[m] for m in metrics) + " |",
+                  "|---|" + "---|" * len(metrics)]
+        for row, values in data["rows"].items():
+            cells = [_fmt(values[m], DIGITS[m]) if m in values else "–" for m in metrics]
+            lines.append(f"| {row} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _finite(value):
+    """JSON has no inf/nan: non-finite floats become null."""
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def write_summary(folder: str | Path, summary: dict, settings: dict, protocol: str) -> tuple[Path, Path]:
+    """``results.md`` (the tables) and ``summary.json`` (settings + means) in ``folder``."""
+    folder = Path(folder)
+    md, js = folder / "results.md", folder / "summary.json"
+    md.write_text(markdown_table(summary, protocol))
+    js.write_text(json.dumps(_finite({"settings": settings, "protocol": protocol, "sets": summary}), indent=2,
+                             allow_nan=False) + "\n")
+    return md, js

@@ -1,0 +1,190 @@
+"""The evaluation loop: sets -> batches of equal-size images -> rows -> per-image metrics -> CSV, grids, tables.
+
+Image i of a set (sorted by name) samples the model rows with seed ``seed + i``, whatever the batching, so a
+run is deterministic and a resumed run adds exactly what an uninterrupted one would have. Resuming: records
+already in ``per_image.csv`` (and grids already written) are skipped; ``settings.json`` guards against mixing
+results of different settings in one output folder.
+"""
+
+import copy
+import json
+from collections.abc import Callable, Mapping, Sequence
+from functools import partial
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from latentup.autoencoders import Autoencoder, load_autoencoder
+from latentup.errors import ConfigError, WeightsNotFoundError
+from latentup.evaluation.grids import save_grid
+from latentup.evaluation.metrics import ImageMetrics
+from latentup.evaluation.protocol import BASELINES, check_align, hr_size, list_set_images, load_pair, reconstruct
+from latentup.evaluation.report import append_records, read_records, summarize, write_summary
+
+# A model row: ``upscale_latent(lr_latent, seed=[seed per sample]) -> hr_latent`` (SD-scaled latents).
+ModelRow = Callable[..., torch.Tensor]
+CSV_NAME, SETTINGS_NAME = "per_image.csv", "settings.json"
+
+
+def protocol_line(align: int, border: int, autoencoder: str, lpips: bool) -> str:
+    return (f"HR: centre crop to multiples of {align} px; LR: PIL bicubic x0.5; autoencoder: {autoencoder}; "
+            f"outputs float32, not quantised. PSNR/SSIM in float64 on 0..255 with a {border}-px border crop "
+            "(Y = BT.601 16 + 65.481 R + 128.553 G + 24.966 B); SSIM Gaussian 11x11, sigma 1.5; "
+            + ("LPIPS v0.1 AlexNet on the full image, [-1, 1]. " if lpips else "LPIPS off. ")
+            + "Means over images, equal weight.")
+
+
+def check_settings(folder: Path, settings: dict) -> None:
+    """Write ``settings.json``, or refuse a folder whose earlier results used other settings. Checkpoints may
+    be added to a folder, but a row name must keep its checkpoint path."""
+    path = folder / SETTINGS_NAME
+    before = json.loads(path.read_text()) if path.is_file() else dict(settings)
+    old, new = before.get("checkpoints", {}), settings.get("checkpoints", {})
+    changed = sorted(k for k in (settings.keys() | before.keys()) - {"checkpoints"} if settings.get(k) != before.get(k))
+    changed += [f"checkpoint {k}" for k in sorted(old.keys() & new.keys()) if old[k] != new[k]]
+    if changed:
+        raise ConfigError(f"{folder} holds results of other settings ({', '.join(changed)}): "
+                          "use another output_dir or delete that one")
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**settings, "checkpoints": {**old, **new}}, indent=2, sort_keys=True) + "\n")
+
+
+def check_loop(align: int, batch_size: int, grids: int, downscale: int = 8) -> None:
+    check_align(align, downscale)
+    if batch_size < 1 or grids < 0:
+        raise ConfigError(f"batch_size must be >= 1 and grids >= 0, got {batch_size} and {grids}")
+
+
+def _batches(files: Sequence[Path], align: int, batch_size: int) -> list[list[int]]:
+    """Indices of ``files`` grouped by HR size (first-seen order), then cut into batches."""
+    groups: dict[tuple[int, int], list[int]] = {}
+    for i, file in enumerate(files):
+        groups.setdefault(hr_size(file, align), []).append(i)
+    return [g[s : s + batch_size] for g in groups.values() for s in range(0, len(g), batch_size)]
+
+
+def evaluate(
+    autoencoder: Autoencoder,
+    sets: Mapping[str, Path],
+    output_dir: str | Path,
+    metrics: ImageMetrics,
+    models: Mapping[str, ModelRow] | None = None,
+    *,
+    align: int = 64,
+    batch_size: int = 4,
+    seed: int = 0,
+    grids: int = 3,
+    grid_tile: int = 256,
+    limit: int | None = None,
+    progress: bool = True,
+    settings: dict | None = None,
+    autoencoder_name: str = "autoencoder",
+) -> dict:
+    """Evaluate every row on every image of ``sets`` ({name: folder}); returns the summary (set means).
+
+    Writes ``per_image.csv``, ``results.md``, ``summary.json`` and ``grids/<set>/<image>.png`` (first ``grids``
+    images of each set) under ``output_dir``.
+    """
+    models = dict(models or {})
+    check_loop(align, batch_size, grids, autoencoder.downscale)
+    files = {name: list_set_images(folder)[:limit] for name, folder in sets.items()}
+    folder = Path(output_dir)
+    check_settings(folder, {**(settings or {}), "align": align, "border": metrics.border, "seed": seed})
+    rows = [*models, *BASELINES]
+    grid_rows = [*BASELINES[1:], *models, BASELINES[0]]  # LR | baselines | model(s) | ceiling | HR
+    csv_path = folder / CSV_NAME
+    done = {(r["set"], r["image"], r["row"]) for r in read_records(csv_path)}
+    torch.manual_seed(seed)
+    device = next(autoencoder.parameters()).device
+    metrics.to(device)
+    for name, paths in files.items():
+        grid_path = {i: folder / "grids" / name / f"{paths[i].stem}.png" for i in range(min(grids, len(paths)))}
+
+        def missing(i: int, row: str) -> bool:
+            return (name, paths[i].name, row) not in done or (i in grid_path and not grid_path[i].is_file())
+
+        pending = [[i for i in batch if any(missing(i, row) for row in rows)]
+                   for batch in _batches(paths, align, batch_size)]
+        bar = tqdm(total=sum(map(len, pending)), desc=name, unit="img", disable=not progress)
+        for batch in filter(None, pending):
+            pairs = [load_pair(paths[i], align) for i in batch]
+            hr, lr = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+            seeds = [seed + i for i in batch]
+            run = {row: partial(up, seed=seeds) for row, up in models.items() if any(missing(i, row) for i in batch)}
+            outputs = reconstruct(autoencoder, hr, lr, run)
+            hr = hr.to(device)
+            records = []
+            for row, output in outputs.items():
+                values = metrics(output, hr)
+                for j, i in enumerate(batch):
+                    if (name, paths[i].name, row) not in done:
+                        records.append({"set": name, "image": paths[i].name, "row": row, "width": hr.shape[-1],
+                                        "height": hr.shape[-2], **{k: float(v[j]) for k, v in values.items()}})
+            append_records(csv_path, records)
+            done |= {(r["set"], r["image"], r["row"]) for r in records}
+            for j, i in enumerate(batch):
+                if i in grid_path and len(run) == len(models):  # a missing grid marks every row missing
+                    save_grid(grid_path[i], lr[j], {row: outputs[row][j] for row in grid_rows}, hr[j], grid_tile)
+            bar.update(len(batch))
+        bar.close()
+    images = {name: {p.name for p in paths} for name, paths in files.items()}
+    records = [r for r in read_records(csv_path) if r["image"] in images.get(r["set"], ())]
+    summary = summarize(records, list(files), rows)
+    protocol = protocol_line(align, metrics.border, autoencoder_name, metrics.lpips is not None)
+    write_summary(folder, summary, {**(settings or {}), "align": align, "seed": seed, "sets": list(files)}, protocol)
+    return summary
+
+
+def load_models(checkpoints: Sequence[str | Path], autoencoder: Autoencoder, *, device="cpu", dtype="float32",
+                **settings) -> dict[str, ModelRow]:
+    """One model row per checkpoint (row name: the file stem or folder name), sampling with ``settings``
+    (steps, sampler, cfg_scale, prompt; None = the weights' recommendation). Each Upscaler gets its own copy
+    of ``autoencoder``, so casting it to the model's dtype leaves the baselines' float32 copy alone."""
+    from latentup.pipeline import Upscaler
+
+    models: dict[str, ModelRow] = {}
+    for checkpoint in checkpoints:
+        path = Path(checkpoint).expanduser()
+        base = path.name if path.is_dir() else path.stem
+        name, k = base, 1
+        while name in models:
+            name, k = f"{base}-{k}", k + 1
+        upscaler = Upscaler.from_pretrained(path, device=device, dtype=dtype, autoencoder=copy.deepcopy(autoencoder))
+        models[name] = partial(upscaler.upscale_latent, **settings)
+    return models
+
+
+def _autoencoder_spec(node) -> str:
+    return str(node.get("spec", node.get("_target_"))) if hasattr(node, "get") else str(node)
+
+
+def from_config(cfg) -> dict:
+    """Run :func:`evaluate` from a config laid out like ``configs/evaluate.yaml``; inputs are checked before any
+    weights load."""
+    from hydra.utils import instantiate
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
+    names = [cfg.sets] if isinstance(cfg.sets, str) else list(cfg.sets)
+    sets = {name: Path(cfg.data_root).expanduser() / name for name in names}
+    for folder in sets.values():
+        list_set_images(folder)
+    check_loop(cfg.align, cfg.batch_size, cfg.grids)
+    sampling = {"steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale, "prompt": cfg.prompt}
+    for checkpoint in cfg.checkpoints:
+        if not Path(checkpoint).expanduser().exists():
+            raise WeightsNotFoundError(f"checkpoint {checkpoint} does not exist: check the checkpoints list")
+    if cfg.checkpoints:
+        from latentup.pipeline import Settings
+
+        Settings(**{k: v for k, v in sampling.items() if v is not None}).validate()
+    metrics = ImageMetrics(border=cfg.border, lpips=cfg.lpips, lpips_backbone=cfg.lpips_backbone)
+    spec = _autoencoder_spec(cfg.autoencoder)
+    autoencoder = instantiate(cfg.autoencoder) if hasattr(cfg.autoencoder, "get") else load_autoencoder(spec)
+    autoencoder = autoencoder.to(device, torch.float32).eval()
+    models = load_models(cfg.checkpoints, autoencoder, device=device, dtype=cfg.dtype, **sampling)
+    settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "dtype": str(cfg.dtype), **sampling,
+                "checkpoints": {name: str(p) for name, p in zip(models, cfg.checkpoints)}}
+    return evaluate(autoencoder, sets, cfg.output_dir, metrics, models, align=cfg.align, batch_size=cfg.batch_size,
+                    seed=cfg.seed, grids=cfg.grids, grid_tile=cfg.grid_tile, limit=cfg.limit, progress=cfg.progress,
+                    settings=settings, autoencoder_name=spec)
