@@ -1,0 +1,69 @@
+"""Pixel-side pair making: HR crops aligned to the model's size rule, LR = HR downscaled ×2.
+
+Size rule (SPEC §2.6): the HR latent sides must be multiples of 2^(levels-1) and at least 2^levels, i.e. with the
+×8 autoencoder, HR pixel sides multiples of ``align = 8 · 2^(levels-1)`` (64 px for the released 4-level U-Net).
+LR = PIL bicubic (antialiased, a = -0.5) ×1/2 of the uint8 HR crop, the evaluation protocol's LR (ANCHORS.md).
+"""
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from latentup.errors import ConfigError
+
+Box = tuple[int, int, int, int]  # left, top, right, bottom
+
+
+def check_crop(crop: int, align: int = 64) -> int:
+    """``crop`` itself, or a ConfigError when it breaks the size rule."""
+    if crop <= 0 or crop % align or crop < 2 * align:
+        raise ConfigError(f"crop {crop} px breaks the U-Net size rule: use a multiple of {align} px, "
+                          f"at least {2 * align}")
+    return crop
+
+
+def random_boxes(width: int, height: int, crop: int, count: int, rng: np.random.Generator) -> list[Box]:
+    """``count`` uniformly placed crop × crop boxes (none when the image is smaller than the crop)."""
+    if width < crop or height < crop:
+        return []
+    left = rng.integers(0, width - crop + 1, size=count)
+    top = rng.integers(0, height - crop + 1, size=count)
+    return [(int(x), int(y), int(x) + crop, int(y) + crop) for x, y in zip(left, top)]
+
+
+def grid_boxes(width: int, height: int, crop: int, stride: int | None = None) -> list[Box]:
+    """Row-major crop × crop tiles every ``stride`` px (default: non-overlapping), centred in the image."""
+    stride = stride or crop
+    if width < crop or height < crop:
+        return []
+    nx, ny = (width - crop) // stride + 1, (height - crop) // stride + 1
+    x0, y0 = (width - crop - (nx - 1) * stride) // 2, (height - crop - (ny - 1) * stride) // 2
+    return [(x0 + i * stride, y0 + j * stride, x0 + i * stride + crop, y0 + j * stride + crop)
+            for j in range(ny) for i in range(nx)]
+
+
+def limit_side(image: Image.Image, max_side: int | None) -> Image.Image:
+    """Downscale (antialiased bicubic) so that the longer side is at most ``max_side``; None keeps the image."""
+    if max_side is None or max(image.size) <= max_side:
+        return image
+    scale = max_side / max(image.size)
+    size = (max(1, math.floor(image.width * scale)), max(1, math.floor(image.height * scale)))
+    return image.resize(size, Image.BICUBIC)
+
+
+def downscale_x2(image: Image.Image) -> Image.Image:
+    """LR image: PIL bicubic resize to half size (antialiased)."""
+    return image.resize((image.width // 2, image.height // 2), Image.BICUBIC)
+
+
+def to_tensor01(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float32 [3, H, W] in [0, 1]."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
+
+
+def pair(image: Image.Image, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HR [3, S, S], LR [3, S/2, S/2]) float tensors in [0, 1] for one box of an RGB image."""
+    hr = image.crop(box)
+    return to_tensor01(hr), to_tensor01(downscale_x2(hr))

@@ -1,0 +1,138 @@
+"""Turn images into latent-pair shards: crop, downscale ×2, encode both, (optionally) embed captions.
+
+For source image s (in sorted order) and its crops j:
+
+    HR_sj = crop(image_s, box_sj)            boxes: ``random`` (seeded by (seed, s)) or a ``grid``
+    LR_sj = bicubic_antialiased(HR_sj, 1/2)
+    hr_sj = E(HR_sj),  lr_sj = E(LR_sj)      E = the autoencoder (posterior sample seeded by (seed, s, j), or mean)
+
+Run it as ``python train.py stage=prepare data=shards data.prepare.source=DIR data.root=OUT`` (or call
+:func:`prepare_pairs`). Interrupted runs resume after the last shard the manifest lists.
+"""
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from latentup.data.crops import check_crop, grid_boxes, limit_side, pair, random_boxes
+from latentup.data.shards import ShardWriter
+from latentup.data.sources import open_source
+from latentup.data.stream import mix_seed
+from latentup.errors import ConfigError
+
+
+@dataclass
+class PrepareSettings:
+    """Everything that decides the shards' content (recorded in the manifest; a resume must match it)."""
+
+    source: str
+    autoencoder: str  # a name for the record: "taesd", a VAE path, ...
+    text_encoder: str | None = None
+    crop: int = 256  # HR crop side in px
+    align: int = 64  # size rule: 8 px per latent × 2^(levels-1)
+    mode: str = "random"  # random | grid
+    crops_per_image: int = 4  # random mode
+    stride: int | None = None  # grid mode; default = crop (no overlap)
+    max_side: int | None = None  # downscale larger sources first (None: native resolution)
+    seed: int = 0
+    sample: bool = True  # posterior sample (KL VAE) rather than the mean
+    clip_skip: int = 1
+
+    def __post_init__(self):
+        check_crop(self.crop, self.align)
+        if self.mode not in ("random", "grid"):
+            raise ConfigError(f"unknown crop mode {self.mode!r}: use random or grid")
+
+
+class _Crops(Dataset):
+    """Source index -> (key, caption, HR crops [n, 3, S, S], LR crops [n, 3, S/2, S/2]), decoded in workers."""
+
+    def __init__(self, settings: PrepareSettings, start: int):
+        self.s, self.start = settings, start
+        self.source = open_source(settings.source)
+
+    def __len__(self) -> int:
+        return len(self.source) - self.start
+
+    def __getitem__(self, i: int):
+        s, index = self.s, self.start + i
+        src = self.source[index]
+        image = limit_side(src.image, s.max_side)
+        if s.mode == "grid":
+            boxes = grid_boxes(image.width, image.height, s.crop, s.stride)
+        else:
+            boxes = random_boxes(image.width, image.height, s.crop, s.crops_per_image,
+                                 np.random.default_rng(mix_seed(s.seed, index)))
+        pairs = [pair(image, box) for box in boxes]
+        if not pairs:
+            return src.key, src.caption, None, None
+        return src.key, src.caption, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
+
+
+def _device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _encode(autoencoder, pixels: torch.Tensor, seeds: list[int], sample: bool, device) -> torch.Tensor:
+    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    return autoencoder.encode(pixels.to(device), generator=generators, sample=sample).float().cpu()
+
+
+@torch.no_grad()
+def prepare_pairs(settings: PrepareSettings, output: str | Path, autoencoder, text_encoder=None, *,
+                  shard_size: int = 1024, batch_size: int = 16, num_workers: int = 0, device: str = "auto",
+                  progress: bool = True) -> dict:
+    """Write (or finish) the shards of ``settings`` into ``output``; returns the manifest."""
+    if (text_encoder is None) != (settings.text_encoder is None):
+        raise ConfigError("settings.text_encoder must name the text encoder exactly when one is given")
+    writer = ShardWriter(output, asdict(settings), shard_size)
+    if writer.manifest["complete"]:
+        return writer.manifest
+    device = _device(device)
+    autoencoder = autoencoder.to(device).eval()
+    if text_encoder is not None:
+        text_encoder = text_encoder.to(device).eval()
+        empty = text_encoder.encode([""], clip_skip=settings.clip_skip)
+        writer.write_empty_prompt(empty.context, empty.pooled, empty.mask)
+    crops = _Crops(settings, writer.sources_done)
+    loader = DataLoader(crops, batch_size=None, num_workers=num_workers)
+    pending: list[tuple[int, str, str, torch.Tensor, torch.Tensor]] = []
+
+    def encode_pending():
+        hr = torch.cat([p[3] for p in pending])
+        lr = torch.cat([p[4] for p in pending])
+        seeds = [(p[0], j) for p in pending for j in range(len(p[3]))]
+        hr_lat = _encode(autoencoder, hr, [mix_seed(settings.seed, s, j, 0) for s, j in seeds], settings.sample, device)
+        lr_lat = _encode(autoencoder, lr, [mix_seed(settings.seed, s, j, 1) for s, j in seeds], settings.sample, device)
+        text = None if text_encoder is None else text_encoder.encode([p[2] for p in pending], settings.clip_skip)
+        k = 0
+        for s, (index, key, caption, hr_px, _) in enumerate(pending):
+            extra = {} if text is None else {"context": text.context[s], "pooled": text.pooled[s], "mask": text.mask[s]}
+            for j in range(len(hr_px)):
+                writer.add(key, caption, hr=hr_lat[k + j], lr=lr_lat[k + j], **extra)
+            k += len(hr_px)
+            writer.end_source(index + 1)
+        pending.clear()
+
+    bar = tqdm(loader, total=len(crops.source), initial=crops.start, desc=f"preparing {Path(output).name}", disable=not progress)
+    for i, (key, caption, hr, lr) in enumerate(bar):
+        index = crops.start + i
+        if hr is None:
+            writer.skip(key)
+            if not pending:
+                writer.end_source(index + 1)
+            continue
+        pending.append((index, key, caption, hr, lr))
+        if sum(len(p[3]) for p in pending) >= batch_size:
+            encode_pending()
+        bar.set_postfix(samples=writer.manifest["count"] + len(writer.keys))
+    if pending:
+        encode_pending()
+    writer.flush(len(crops.source), complete=True)
+    return writer.manifest

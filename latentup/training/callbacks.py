@@ -1,0 +1,52 @@
+"""Training callbacks: step timing (steps/s, samples/s) written to ``timing.json`` at the end of training."""
+
+import json
+import time
+from pathlib import Path
+
+import lightning as L
+
+
+class StepTimer(L.Callback):
+    """Wall time of training batches (validation excluded), logged as ``train/steps_per_sec`` every
+    ``every_n_steps`` and summarised in ``<log_dir>/timing.json``; the first ``warmup`` batches are not timed."""
+
+    def __init__(self, every_n_steps: int = 50, warmup: int = 5):
+        self.every_n_steps, self.warmup = every_n_steps, warmup
+        self.seconds, self.batches, self.samples, self.seen = 0.0, 0, 0, 0
+        self._start: float | None = None
+        self._run_start = time.perf_counter()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._run_start = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen += 1
+        if self._start is None or self.seen <= self.warmup:
+            return
+        self.seconds += time.perf_counter() - self._start
+        self.batches += 1
+        self.samples += len(batch["position"]) * trainer.world_size
+        if trainer.global_step % self.every_n_steps == 0 and self.seconds > 0:
+            pl_module.log("train/steps_per_sec", self.batches / self.seconds, rank_zero_only=True)
+
+    def summary(self) -> dict:
+        return {"timed_batches": self.batches, "seconds": self.seconds,
+                "batches_per_sec": self.batches / self.seconds if self.seconds else None,
+                "samples_per_sec": self.samples / self.seconds if self.seconds else None,
+                "train_wall_seconds": time.perf_counter() - self._run_start}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            folder = log_dir(trainer)
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / "timing.json").write_text(json.dumps(self.summary(), indent=2))
+
+
+def log_dir(trainer) -> Path:
+    """The first logger's folder, else the run folder (no collective call: safe on one rank only)."""
+    folder = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
+    return Path(folder or trainer.default_root_dir)

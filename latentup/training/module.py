@@ -1,0 +1,252 @@
+"""LightningModule: train the ×2 latent upscaler with the DenoiserWithVariance objective (SPEC §5).
+
+Per sample i of a batch (all randomness from a generator seeded by (seed, stream position), so that results do
+not depend on how a global batch is split over ranks, and a resumed run repeats the same draws):
+
+    σ_i ~ sigma_density (lognormal(-0.5, 1.2)),   σ_lr,i ~ lr_noise_density (0 w.p. ½, else U(0, 0.6))
+    z_lr ← z_lr + σ_lr ε',   (image_cond, noise_embed) = low_res_conditioning(z_lr, σ_lr, W_lr)
+    mapping_cond = [noise_embed ‖ pooled text],   caption → "" with probability ``caption_dropout``
+    L = mean_i DenoiserWithVariance(z_hr, ε, σ_i | image_cond, mapping_cond, context)
+
+The EMA copy (``model_ema``) is updated after every optimizer step and is what validation samples with and
+what gets exported. The autoencoder and the text encoder are frozen helpers kept out of the checkpoint.
+"""
+
+import copy
+from collections.abc import Callable
+from dataclasses import asdict
+from functools import partial
+
+import lightning as L
+import torch
+from torch import Tensor, nn
+
+from latentup.data.stream import mix_seed
+from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
+from latentup.diffusion.densities import lognormal, low_res_sigma
+from latentup.diffusion.precond import KarrasDenoiser
+from latentup.errors import ConfigError
+from latentup.nn.unet import UNet, UNetConfig
+from latentup.training.ema import ema_decay, ema_update
+from latentup.training.validation import Validator
+
+NOISE_EMBED_DIM = 128  # 64 Fourier frequencies of log1p(σ_lr), std 2 (SPEC §4.3)
+SIGMA_DENSITY = partial(lognormal, mean=-0.5, std=1.2)
+LR_NOISE_DENSITY = partial(low_res_sigma, p_zero=0.5, maximum=0.6)
+
+
+def as_unet_config(config: UNetConfig | dict) -> UNetConfig:
+    """A UNetConfig from itself or from a dict of its fields (lists become tuples)."""
+    if isinstance(config, UNetConfig):
+        return config
+    return UNetConfig(**{k: tuple(v) if isinstance(v, (list, tuple)) else v for k, v in dict(config).items()})
+
+
+class UpscalerModule(L.LightningModule):
+    """``model`` (the trained denoiser), ``model_ema`` (its EMA), the fixed ``noise_fourier`` weights [64, 1]."""
+
+    def __init__(
+        self,
+        unet: UNetConfig | dict,
+        optimizer: Callable | None = None,
+        scheduler: Callable | None = None,
+        autoencoder: nn.Module | None = None,
+        text_encoder: nn.Module | None = None,
+        *,
+        sigma_data: float = 1.0,
+        sigma_density: Callable = SIGMA_DENSITY,
+        lr_noise_density: Callable = LR_NOISE_DENSITY,
+        caption_dropout: float = 0.1,
+        clip_skip: int = 1,
+        use_context_mask: bool = False,
+        encode_sample: bool = True,
+        ema_power: float = 2 / 3,
+        ema_max_decay: float = 0.9999,
+        gradient_checkpointing: bool = False,
+        init_weights: str | None = None,
+        seed: int = 0,
+        validation: dict | None = None,
+        meta: dict | None = None,
+    ):
+        super().__init__()
+        config = as_unet_config(unet)
+        if 0 < config.mapping_cond_dim < NOISE_EMBED_DIM:
+            raise ConfigError(f"mapping_cond_dim {config.mapping_cond_dim} must be 0 or {NOISE_EMBED_DIM} (noise-level "
+                              "embedding) + the pooled text width")
+        self.model = KarrasDenoiser(UNet(config), sigma_data)
+        self.model.unet.gradient_checkpointing = gradient_checkpointing
+        self.register_buffer("noise_fourier", torch.randn(NOISE_EMBED_DIM // 2, 1,
+                                                          generator=torch.Generator().manual_seed(seed)) * 2.0)
+        if init_weights is not None:
+            self._load_initial(init_weights)
+        self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
+        self.model_ema.unet.gradient_checkpointing = False
+        self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        # frozen helpers: outside the module tree, so neither checkpointed nor wrapped by DDP/FSDP
+        object.__setattr__(self, "autoencoder", autoencoder.requires_grad_(False).eval() if autoencoder else None)
+        object.__setattr__(self, "text_encoder", text_encoder.requires_grad_(False).eval() if text_encoder else None)
+        self.optimizer_factory, self.scheduler_factory = optimizer, scheduler
+        self.sigma_density, self.lr_noise_density = sigma_density, lr_noise_density
+        self.caption_dropout, self.clip_skip, self.use_context_mask = caption_dropout, clip_skip, use_context_mask
+        self.encode_sample, self.seed = encode_sample, seed
+        self.ema_power, self.ema_max_decay = ema_power, ema_max_decay
+        self.meta = dict(meta or {})
+        self.validator = Validator(**(validation or {}))
+        self.empty_prompt: dict[str, Tensor] | None = None
+        self.pooled_dim = max(0, config.mapping_cond_dim - NOISE_EMBED_DIM)
+        self.text_conditioned = config.cross_attention_dim is not None or self.pooled_dim > 0
+
+    @property
+    def unet_config(self) -> UNetConfig:
+        return self.model.unet.config
+
+    def _load_initial(self, weights: str) -> None:
+        """Start from released / exported weights (any format latentup reads); the configs must agree."""
+        from latentup.weights.sources import resolve_weights
+        from latentup.weights.strict import load_strict
+
+        parts = resolve_weights(weights)
+        if parts.unet_config != self.unet_config:
+            raise ConfigError(f"init_weights {weights} has U-Net config {parts.unet_config}, the model config says "
+                              f"{self.unet_config}: set model.unet to the weights' config")
+        load_strict(self.model.unet, parts.unet_state, "U-Net")
+        if parts.noise_fourier is not None:
+            self.noise_fourier.copy_(parts.noise_fourier.reshape(self.noise_fourier.shape))
+
+    # ---- frozen helpers -------------------------------------------------------------------------------------
+    def _helpers_to_device(self) -> None:
+        for helper in (self.autoencoder, self.text_encoder):
+            if helper is not None:
+                helper.to(self.device)
+
+    def on_fit_start(self) -> None:
+        self._helpers_to_device()
+        if self.text_conditioned:
+            self.empty_prompt = self._empty_prompt()
+
+    def on_validation_start(self) -> None:
+        self._helpers_to_device()
+
+    def _empty_prompt(self) -> dict[str, Tensor]:
+        if self.text_encoder is not None:
+            with torch.no_grad():
+                cond = self.text_encoder.encode([""], clip_skip=self.clip_skip)
+            return {"context": cond.context, "pooled": cond.pooled, "mask": cond.mask}
+        datamodule = getattr(self.trainer, "datamodule", None)
+        stored = datamodule.empty_prompt() if datamodule is not None else None
+        if stored is None:
+            raise ConfigError("a text-conditioned model needs a text_encoder or shards with precomputed text "
+                              "embeddings (prepared with a text encoder)")
+        return stored
+
+    # ---- batch -> conditioning ------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_pixels(self, pixels: Tensor, seeds: list[int] | None, sample: bool) -> Tensor:
+        if self.autoencoder is None:
+            raise ConfigError("pixel batches need an autoencoder: set autoencoder=taesd (or sd_vae)")
+        generators = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
+        with torch.autocast(self.device.type, enabled=False):
+            return self.autoencoder.encode(pixels.float(), generator=generators, sample=sample).float()
+
+    def latents(self, batch: dict, seeds: list[int] | None = None, sample: bool = True) -> tuple[Tensor, Tensor]:
+        """(HR latent, LR latent): stored in the batch, or encoded from its pixels."""
+        if "hr" in batch:
+            return batch["hr"].float(), batch["lr"].float()
+        hr_seeds = None if seeds is None else [mix_seed(s, 0) for s in seeds]
+        lr_seeds = None if seeds is None else [mix_seed(s, 1) for s in seeds]
+        return (self.encode_pixels(batch["hr_pixels"], hr_seeds, sample),
+                self.encode_pixels(batch["lr_pixels"], lr_seeds, sample))
+
+    def text(self, batch: dict, drop: Tensor) -> dict[str, Tensor] | None:
+        """Context / pooled / mask for the batch (precomputed, or encoded from its captions), rows with ``drop``
+        replaced by the empty prompt; without either, every row gets the empty prompt."""
+        if not self.text_conditioned:
+            return None
+        empty = self.empty_prompt if self.empty_prompt is not None else self._empty_prompt()
+        if "context" in batch:
+            cond = {k: batch[k] for k in ("context", "pooled", "mask")}
+        elif self.text_encoder is not None:
+            captions = list(batch.get("caption", [""] * len(drop)))
+            with torch.no_grad():
+                encoded = self.text_encoder.encode(captions, clip_skip=self.clip_skip)
+            cond = {"context": encoded.context, "pooled": encoded.pooled, "mask": encoded.mask}
+        else:
+            return {k: v.to(self.device).expand(len(drop), *v.shape[1:]) for k, v in empty.items()}
+        keep = ~drop.to(self.device)
+        return {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v.to(self.device), empty[k].to(self.device, v.dtype))
+                for k, v in cond.items()}
+
+    def conditioning(self, low_res: Tensor, sigma_lr: Tensor, text: dict | None) -> dict[str, Tensor | None]:
+        """Keyword arguments of the denoiser for an (augmented) low-res latent."""
+        image_cond, noise_embed = low_res_conditioning(low_res, sigma_lr, self.noise_fourier)
+        mapping = noise_embed if self.unet_config.mapping_cond_dim else None
+        cond = {"image_cond": image_cond, "mapping_cond": mapping, "context": None, "context_mask": None}
+        if text is not None:
+            if self.pooled_dim:
+                cond["mapping_cond"] = torch.cat([noise_embed, text["pooled"].to(noise_embed.dtype)], dim=1)
+            if self.unet_config.cross_attention_dim is not None:
+                cond["context"] = text["context"].float()
+                cond["context_mask"] = text["mask"] if self.use_context_mask else None
+        return cond
+
+    def draws(self, positions: Tensor, hr_shape, lr_shape) -> dict[str, Tensor]:
+        """Per-sample random draws from generators seeded by (seed, stream position)."""
+        out: dict[str, list[Tensor]] = {"sigma": [], "sigma_lr": [], "drop": [], "noise": [], "lr_noise": []}
+        for position in positions.tolist():
+            g = torch.Generator().manual_seed(mix_seed(self.seed, position, 2))
+            out["sigma"].append(self.sigma_density(1, generator=g))
+            out["sigma_lr"].append(self.lr_noise_density(1, generator=g))
+            out["drop"].append(torch.rand(1, generator=g) < self.caption_dropout)
+            out["noise"].append(torch.randn(hr_shape, generator=g))
+            out["lr_noise"].append(torch.randn(lr_shape, generator=g))
+        return {k: torch.cat(v) if v[0].ndim == 1 else torch.stack(v) for k, v in out.items()}
+
+    # ---- training ---------------------------------------------------------------------------------------------
+    def forward_loss(self, batch: dict) -> Tensor:
+        """Per-sample training losses [B]."""
+        positions = batch["position"]
+        seeds = [mix_seed(self.seed, p, 3) for p in positions.tolist()]
+        hr, lr = self.latents(batch, seeds, self.encode_sample)
+        d = {k: v.to(self.device) for k, v in self.draws(positions, hr.shape[1:], lr.shape[1:]).items()}
+        low_res = augment_low_res(lr, d["sigma_lr"], d["lr_noise"])
+        cond = self.conditioning(low_res, d["sigma_lr"], self.text(batch, d["drop"]))
+        return self.model.loss(hr, d["noise"], d["sigma"], **cond)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        loss = self.forward_loss(batch).mean()
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["position"]))
+        return loss
+
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        ema_update(self.model_ema, self.model, self.current_ema_decay())
+        self.ema_updates += 1
+
+    def current_ema_decay(self) -> float:
+        return ema_decay(int(self.ema_updates), self.ema_power, max_decay=self.ema_max_decay)
+
+    def configure_optimizers(self):
+        if self.optimizer_factory is None:
+            raise ConfigError("no optimizer configured: add an optim config (e.g. optim=adamw_inverse)")
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": self.scheduler_factory(optimizer), "interval": "step"}}
+
+    # ---- validation -------------------------------------------------------------------------------------------
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self.validator.step(self, batch, batch_idx)
+
+    def on_validation_epoch_end(self) -> None:
+        self.validator.epoch_end(self)
+
+    # ---- checkpoint ------------------------------------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["latentup"] = {"unet_config": asdict(self.unet_config), "meta": self.meta}
+
+    def export_meta(self) -> dict:
+        """Metadata written into exports: training summary and the autoencoder / text encoder used."""
+        return {**self.meta, "training": {**self.meta.get("training", {}), "steps": int(self.ema_updates),
+                                          "ema_decay": self.current_ema_decay()}}

@@ -1,0 +1,288 @@
+"""Training: schedules, EMA, the LightningModule (loss falls, text path), exact resume after a kill, DDP parity,
+and the exports (diffusers UNet2DConditionModel parity, pipeline loading)."""
+
+import csv
+import math
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_data import make_images
+
+from latentup.data.datamodule import PairDataModule
+from latentup.data.prepare import PrepareSettings, prepare_pairs
+from latentup.data.shards import LatentShardDataset
+from latentup.nn.unet import UNetConfig
+from latentup.training.ema import ema_decay, ema_update
+from latentup.training.export import export_checkpoint
+from latentup.training.module import UpscalerModule
+from latentup.training.schedules import InverseLR, inverse_lr_factor
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = {"channels": (32, 64, 64), "depths": (1, 1, 1), "self_attn": (False, False, True), "cross_attn": (False,) * 3,
+        "cross_attention_dim": None, "head_dim": 32, "mapping_dim": 64, "mapping_cond_dim": 128}
+TINY_OVERRIDES = ["model.unet.channels=[32,64,64]", "model.unet.depths=[1,1,1]", "model.unet.mapping_dim=64",
+                  "model.unet.head_dim=32", "trainer.limit_val_batches=0", "trainer.log_every_n_steps=1",
+                  "data.module.num_workers=0"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: one thread avoids OpenMP stalls when the CPU is shared (100x slower steps seen with two)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class KillAt(L.Callback):
+    """SIGKILL the training process right after optimizer step ``step`` (no cleanup, no final checkpoint)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    from latentup.autoencoders import load_autoencoder
+
+    root = tmp_path_factory.mktemp("train")
+    images = make_images(root / "images", sizes=((200, 150), (260, 140), (140, 140), (300, 220), (160, 200)))
+    settings = PrepareSettings(source=str(images), autoencoder="taesd", crop=128, crops_per_image=3, seed=0)
+    prepare_pairs(settings, root / "pairs", load_autoencoder("taesd"), progress=False)
+    return root / "pairs"
+
+
+def train_py(run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python train.py`` in a subprocess (runs under ``run_dir``)."""
+    environment = {**os.environ, "LATENTUP_RUNS": str(run_dir), "PYTHONPATH": str(Path(__file__).parent),
+                   "OMP_NUM_THREADS": "1", **(env or {})}
+    return subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, env=environment, capture_output=True,
+                          text=True, timeout=300, check=False)
+
+
+def losses(run: Path) -> list[float]:
+    rows = []
+    for file in sorted(run.glob("logs/version_*/metrics.csv")):
+        rows += [float(r["train/loss"]) for r in csv.DictReader(file.open()) if r.get("train/loss")]
+    return rows
+
+
+def test_inverse_lr_and_ema_decay():
+    model = torch.nn.Linear(2, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    scheduler = InverseLR(optimizer, inv_gamma=20000, power=1, warmup=0.99)
+    rates = []
+    for _ in range(3):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates == pytest.approx([1e-4 * (1 - 0.99 ** (t + 1)) / (1 + t / 20000) for t in range(3)], rel=1e-12)
+    assert inverse_lr_factor(20000, warmup=0.0) == pytest.approx(0.5)
+    assert ema_decay(0) == 0.0 and ema_decay(31622) == pytest.approx(0.999, abs=1e-6)
+    assert ema_decay(10**7) == 0.9999
+    ema, live = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    before = ema.weight.clone()
+    ema_update(ema, live, 0.75)
+    assert torch.allclose(ema.weight, 0.75 * before + 0.25 * live.weight)
+
+
+@pytest.mark.filterwarnings("ignore:.*eval mode")
+def test_loss_falls_on_generated_images(shards, tmp_path):
+    """A tiny model trained 60 steps: the loss on a fixed batch (fixed σ, noise) drops by a third."""
+    L.seed_everything(0)
+    module = UpscalerModule(TINY, optimizer=lambda p: torch.optim.AdamW(p, lr=2e-3), seed=0,
+                            validation={"lpips": False})
+    data = PairDataModule(lambda: LatentShardDataset(shards), batch_size=8, num_workers=0)
+    data.setup("fit")
+    fixed = next(iter(data.train_dataloader()))
+
+    def fixed_loss() -> float:
+        with torch.no_grad():
+            return float(module.forward_loss(fixed).mean())
+
+    before = fixed_loss()
+    trainer = L.Trainer(max_steps=60, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0,
+                        use_distributed_sampler=False, default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=data)
+    after = fixed_loss()
+    assert after < 0.67 * before, (before, after)
+    assert int(module.ema_updates) == 60
+    ema_gap = max((a - b).abs().max() for a, b in zip(module.model_ema.parameters(), module.model.parameters()))
+    assert 0 < ema_gap < 1  # the EMA lags the live weights
+
+
+def test_text_conditioned_step_uses_empty_prompt_for_dropped_captions():
+    from latentup.text import CLIPTextConditioner, TextTowerConfig
+
+    text = CLIPTextConditioner(TextTowerConfig(width=64, layers=1, heads=2, mlp_width=128)).eval()
+    config = {**TINY, "cross_attn": (False, True, True), "cross_attention_dim": 64, "mapping_cond_dim": 128 + 64}
+    module = UpscalerModule(config, text_encoder=text, caption_dropout=0.5, validation={"lpips": False})
+    module.empty_prompt = module._empty_prompt()
+    drop = torch.tensor([True, False])
+    cond = module.text({"caption": ["a cat", "a dog"]}, drop)
+    empty, dog = text.encode([""]), text.encode(["a dog"])
+    assert torch.allclose(cond["context"][0], empty.context[0], atol=1e-5)
+    assert torch.allclose(cond["pooled"][1], dog.pooled[0], atol=1e-5)
+    batch = {"hr": torch.randn(2, 4, 16, 16), "lr": torch.randn(2, 4, 8, 8), "caption": ["a cat", "a dog"],
+             "position": torch.tensor([0, 1])}
+    loss = module.forward_loss(batch)
+    assert loss.shape == (2,) and torch.isfinite(loss).all()
+
+
+def test_pixel_batches_are_encoded_on_the_fly(shards):
+    from latentup.autoencoders import load_autoencoder
+    from latentup.data.datasets import ImageCropDataset
+    from latentup.data.stream import EpochStream
+
+    taesd = load_autoencoder("taesd").eval()
+    module = UpscalerModule(TINY, autoencoder=taesd, validation={"lpips": False})
+    data = PairDataModule(ImageCropDataset(shards.parent / "images", crop=128), batch_size=2)
+    data.setup("fit")
+    batch = next(iter(data.train_dataloader()))
+    hr, lr = module.latents(batch)
+    with torch.no_grad():
+        assert torch.equal(hr, taesd.encode(batch["hr_pixels"])) and lr.shape == (2, 4, 8, 8)
+        assert torch.isfinite(module.forward_loss(batch)).all()
+    assert isinstance(data.train_dataloader().dataset, EpochStream)
+
+
+def test_validation_scores_model_and_latent_bicubic(shards, tmp_path):
+    from lightning.pytorch.loggers import CSVLogger
+
+    from latentup.autoencoders import load_autoencoder
+    from latentup.data.datasets import ImageEvalDataset
+    from latentup.evaluation.metrics import psnr
+    from latentup.evaluation.protocol import bicubic2x
+
+    taesd = load_autoencoder("taesd").eval()
+    module = UpscalerModule(TINY, autoencoder=taesd, validation={"steps": 2, "grid_images": 1})
+    evaluation = ImageEvalDataset(shards.parent / "images", limit=2)
+    trainer = L.Trainer(accelerator="cpu", logger=CSVLogger(tmp_path), enable_progress_bar=False,
+                        enable_model_summary=False)
+    scores = trainer.validate(module, datamodule=PairDataModule(None, evaluation))[0]
+    assert {"val/psnr", "val/lpips", "val/psnr_latent_bicubic", "val/lpips_latent_bicubic", "val/loss"} <= scores.keys()
+    item = evaluation[0]
+    with torch.no_grad():
+        baseline = taesd.decode(bicubic2x(taesd.encode(item["lr_pixels"][None])))
+    expected = (float(psnr(baseline, item["hr_pixels"][None])[0]) + module.validator.baseline[1]["psnr_rgb"]) / 2
+    assert scores["val/psnr_latent_bicubic"] == pytest.approx(expected, abs=1e-3)
+    assert len(list(tmp_path.rglob("val_grids/*.png"))) == 1
+
+
+def test_killed_run_resumes_to_identical_weights(shards, tmp_path):
+    common = [f"data.root={shards}", *TINY_OVERRIDES, "trainer.max_steps=8", "data.module.batch_size=3",
+              "callbacks.checkpoint.every_n_train_steps=3", "debug=deterministic"]
+    full = train_py(tmp_path, "name=full", *common)
+    assert full.returncode == 0, full.stderr[-3000:]
+    killed = train_py(tmp_path, "name=cut", *common, "+callbacks.kill._target_=test_training.KillAt",
+                      "+callbacks.kill.step=5")
+    assert killed.returncode == -signal.SIGKILL
+    assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["last.ckpt", "step0000003.ckpt"]
+    resumed = train_py(tmp_path, "name=cut", *common, "ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
+    b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)
+    assert a["global_step"] == b["global_step"] == 8
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])  # weights, EMA, buffers
+    for sa, sb in zip(a["optimizer_states"][0]["state"].values(), b["optimizer_states"][0]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["lr_schedulers"] == b["lr_schedulers"]
+    assert losses(tmp_path / "full")[3:] == losses(tmp_path / "cut")[-5:]
+    exported = load_file(tmp_path / "cut" / "export" / "model.safetensors")
+    assert torch.equal(exported["unet.conv_out.weight"], a["state_dict"]["model_ema.unet.conv_out.weight"])
+
+
+def test_ddp_two_cpu_processes_match_one_process(shards, tmp_path):
+    """2 gloo ranks with batch 2 = 1 process with batch 4: same losses, same weights after 2 steps."""
+    common = [f"data.root={shards}", *TINY_OVERRIDES, "trainer.max_steps=2"]
+    ddp = train_py(tmp_path, "name=ddp", *common, "trainer=ddp_cpu", "data.module.batch_size=2")
+    assert ddp.returncode == 0, ddp.stderr[-3000:]
+    single = train_py(tmp_path, "name=single", *common, "trainer=cpu", "data.module.batch_size=4")
+    assert single.returncode == 0, single.stderr[-3000:]
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    a, b = (torch.load(tmp_path / run / "checkpoints/last.ckpt", weights_only=True)["state_dict"]
+            for run in ("ddp", "single"))
+    assert max((a[k].float() - b[k].float()).abs().max() for k in a) < 1e-6
+
+
+def _text_config() -> UNetConfig:
+    """A tiny text-conditioned U-Net that diffusers' K blocks can build."""
+    return UNetConfig(channels=(32, 64, 64), depths=(1, 2, 1), self_attn=(False, False, True),
+                      cross_attn=(False, True, True), cross_attention_dim=48, head_dim=32, mapping_dim=64,
+                      mapping_cond_dim=128 + 48)
+
+
+def _checkpoint_of(module: UpscalerModule, path: Path) -> Path:
+    with torch.no_grad():
+        for p in module.model_ema.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # non-trivial EMA weights (conv_out starts at zero)
+    checkpoint = {"state_dict": module.state_dict(), "global_step": 7}
+    module.on_save_checkpoint(checkpoint)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_export_loads_in_diffusers_with_equal_outputs(tmp_path):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    module = UpscalerModule(_text_config(), meta={"autoencoder": "taesd"}, validation={"lpips": False})
+    written = export_checkpoint(_checkpoint_of(module, tmp_path / "m.ckpt"), tmp_path / "export")
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(written["diffusers"]).eval()
+    ours = module.model_ema.unet.eval()
+    x, c_noise = torch.randn(2, 8, 16, 24), torch.tensor([0.3, -0.7])
+    mapping, context = torch.randn(2, 176), torch.randn(2, 77, 48)
+    with torch.no_grad():
+        expected = ours(x, c_noise, mapping_cond=mapping, context=context)
+        got = theirs(x, c_noise, encoder_hidden_states=context, timestep_cond=mapping).sample
+    assert (got - expected).abs().max() <= 1e-4
+    single = load_file(written["single_file"])
+    assert torch.equal(single["noise_fourier.weight"], module.noise_fourier)
+    assert all(torch.equal(single[f"unet.{k}"], v) for k, v in ours.state_dict().items())
+
+
+def test_exports_run_in_the_pipeline(tmp_path):
+    from latentup.pipeline import Upscaler
+
+    module = UpscalerModule(TINY, meta={"autoencoder": "taesd"}, validation={"lpips": False})
+    written = export_checkpoint(_checkpoint_of(module, tmp_path / "m.ckpt"), tmp_path / "export")
+    assert "diffusers" not in written  # diffusers has no cross-attention-free K-block U-Net
+    upscaler = Upscaler.from_pretrained(written["single_file"])
+    latent = torch.randn(1, 4, 8, 12)
+    out = upscaler.upscale_latent(latent, steps=2, seed=1, noise_level=0.2)
+    assert out.shape == (1, 4, 16, 24) and torch.isfinite(out).all()
+    text_module = UpscalerModule(_text_config(), validation={"lpips": False})
+    folder = export_checkpoint(_checkpoint_of(text_module, tmp_path / "t.ckpt"), tmp_path / "text")["diffusers"]
+    from latentup.weights.sources import resolve_weights
+
+    parts = resolve_weights(folder)
+    assert parts.unet_config == text_module.unet_config
+    assert all(torch.equal(parts.unet_state[k], v) for k, v in text_module.model_ema.unet.state_dict().items())
+
+
+@pytest.mark.parametrize("experiment", ["quickstart", "sd_x2", "finetune"])
+def test_experiment_configs_compose(experiment):
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=False)
+    unet = UNetConfig(**{k: tuple(v) if not isinstance(v, (int, type(None))) else v for k, v in cfg.model.unet.items()})
+    if experiment == "quickstart":
+        assert unet.cross_attention_dim is None and cfg.text_encoder is None and cfg.autoencoder.spec == "taesd"
+        assert cfg.trainer.accelerator == "cpu"
+    else:
+        assert unet == UNetConfig() and cfg.model.caption_dropout > 0 and cfg.data.prepare.text
+        assert math.isclose(cfg.optim.optimizer.lr, 1e-4 if experiment == "sd_x2" else 2e-5)
+    assert cfg.trainer.use_distributed_sampler is False
