@@ -44,7 +44,9 @@ def _load(cfg: DictConfig):
     device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     weights = cfg.weights if cfg.weights is not None else default_weights()
     return Upscaler.from_pretrained(weights, device=device, dtype=cfg.dtype, autoencoder=cfg.autoencoder,
-                                    text_encoder=cfg.text_encoder, download=cfg.download)
+                                    text_encoder=cfg.text_encoder, download=cfg.download, unet_tile=cfg.unet_tile,
+                                    vae_tile=cfg.vae_tile, channels_last=cfg.channels_last, compile=cfg.compile,
+                                    winograd=cfg.winograd)
 
 
 def run(cfg: DictConfig) -> None:

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from latentup.autoencoders import load_autoencoder
 from latentup.autoencoders.kl import AutoencoderKL, KLConfig
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.pipeline import Upscaler
@@ -32,11 +33,15 @@ from latentup.text.clip import CLIPTextConditioner, TextTowerConfig, hf_to_open_
 from latentup.text.tokenizer import write_hf_tokenizer_files
 from latentup.weights.strict import load_strict
 
-TEXT_CONFIG = dict(hidden_act="quick_gelu", hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                   num_attention_heads=12, max_position_embeddings=77, vocab_size=49408, layer_norm_eps=1e-5,
-                   projection_dim=768, bos_token_id=0, eos_token_id=2, pad_token_id=1)  # SPEC §1.4
-SCHEDULER_CONFIG = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
-                        interpolation_type="log_linear", prediction_type="original_sample")  # SPEC §1.3
+TEXT_CONFIG = {  # SPEC §1.4
+    "hidden_act": "quick_gelu", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
+    "num_attention_heads": 12, "max_position_embeddings": 77, "vocab_size": 49408, "layer_norm_eps": 1e-5,
+    "projection_dim": 768, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1,
+}
+SCHEDULER_CONFIG = {  # SPEC §1.3
+    "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "num_train_timesteps": 1000,
+    "interpolation_type": "log_linear", "prediction_type": "original_sample",
+}
 PROMPT, NEGATIVE = "a photo of a lighthouse, high resolution", "blurry, grainy"
 
 
@@ -52,13 +57,16 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--dtype", help="both pipelines' weights [cpu: float32, cuda: float16 (diffusers' default)]")
     parser.add_argument("--variants", nargs="+", default=["eager"],
                         help="latentup runs: eager | compile | reduce-overhead (torch.compile modes, the latter with "
-                             "CUDA graphs); a -nchw suffix turns channels_last off (default: on for cuda, off for cpu)")
+                             "CUDA graphs); a -nchw suffix turns channels_last off (default: on for cuda, off for "
+                             "cpu), a -direct suffix the Winograd 3x3 convolutions (default: on for cpu float32)")
     parser.add_argument("--decode", action="store_true", help="also time the VAE decode of the output")
     parser.add_argument("--reference", action="store_true", help="also diff both against diffusers in float32")
     parser.add_argument("--big", type=int, default=0, help="input side of a latentup-only tiled run (e.g. 2048)")
     parser.add_argument("--big-steps", type=int, default=None, help="steps of the big run [--steps]")
     parser.add_argument("--unet-tile", type=int, default=256, help="U-Net tile (latent px) of the big run; 0: none")
     parser.add_argument("--vae-tile", type=int, default=128, help="VAE tile (latent px) of the big run; 0: none")
+    parser.add_argument("--big-autoencoder", help="autoencoder of the big run, a load_autoencoder spec such as "
+                                                  "taesd [the released KL VAE]")
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; later sizes are skipped after it")
     parser.add_argument("--out", type=Path, default=Path("benchmark.jsonl"))
     args = parser.parse_args()
@@ -95,10 +103,14 @@ def latentup_upscalers(pipe, variants: list[str], device: str, dtype: torch.dtyp
     unet, vae, text = unet.to(device, dtype), vae.to(device, dtype), text.to(device, dtype)
     upscalers = {}
     for i, variant in enumerate(variants):
-        mode = {"eager": None, "compile": "default"}.get(variant.removesuffix("-nchw"), variant.removesuffix("-nchw"))
+        name, flags = variant, set()
+        while name.rsplit("-", 1)[-1] in ("nchw", "direct"):
+            name, flag = name.rsplit("-", 1)
+            flags.add(flag)
+        mode = {"eager": None, "compile": "default"}.get(name, name)
         modules = (unet, vae) if i == 0 else (copy.deepcopy(unet), copy.deepcopy(vae))
-        upscalers[variant] = Upscaler(*modules, text, channels_last=False if variant.endswith("-nchw") else None,
-                                      compile=mode)
+        upscalers[variant] = Upscaler(*modules, text, channels_last=False if "nchw" in flags else None, compile=mode,
+                                      winograd=False if "direct" in flags else None)
     return upscalers
 
 
@@ -157,7 +169,7 @@ def run_size(args, pipe, ours: dict[str, Upscaler], size: int, reference: torch.
              peak: float) -> list[dict]:
     meter, side = Meter(args.device), size // 8
     low_res = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(size)).to(args.device, args.dtype)
-    settings = dict(prompt=PROMPT, negative_prompt=NEGATIVE, steps=args.steps, cfg_scale=args.cfg, seed=0)
+    settings = {"prompt": PROMPT, "negative_prompt": NEGATIVE, "steps": args.steps, "cfg_scale": args.cfg, "seed": 0}
 
     def theirs():
         return pipe(prompt=PROMPT, negative_prompt=NEGATIVE, image=low_res, num_inference_steps=args.steps,
@@ -182,8 +194,8 @@ def run_size(args, pipe, ours: dict[str, Upscaler], size: int, reference: torch.
         decode = {}
         if args.decode:  # both untiled: the same work
             latent, vae = outputs["diffusers"].to(args.dtype), next(iter(ours.values())).autoencoder
-            vae_theirs = lambda: pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample  # noqa: E731
-            vae_ours = lambda: vae._decode_raw(latent / vae.scaling_factor).clamp(0, 1)  # noqa: E731
+            vae_theirs = lambda: pipe.vae.decode(latent / pipe.vae.config.scaling_factor).sample
+            vae_ours = lambda: vae._decode_raw(latent / vae.scaling_factor).clamp(0, 1)
             for name, fn in (("diffusers", vae_theirs), ("latentup", vae_ours)):
                 fn()
                 decode[name] = statistics.median(meter(fn)[1] for _ in range(args.repeats))
@@ -192,11 +204,13 @@ def run_size(args, pipe, ours: dict[str, Upscaler], size: int, reference: torch.
     rows = []
     for name in runs:
         seconds = statistics.median(times[name])
-        row = dict(size=f"{size}->{2 * size}", run=name, device=args.device, dtype=str(args.dtype).split(".")[-1],
-                   steps=args.steps, cfg=args.cfg, seconds=seconds, ratio=base / seconds, peak_gib=peaks[name],
-                   max_abs_diff=(outputs[name] - outputs["diffusers"]).abs().max().item(),
-                   max_abs_out=outputs["diffusers"].abs().max().item(), unet_tflop_per_step=flop,
-                   peak_tflops=peak, fraction_of_peak=flop * args.steps / seconds / peak)
+        row = {
+            "size": f"{size}->{2 * size}", "run": name, "device": args.device, "dtype": str(args.dtype).split(".")[-1],
+            "steps": args.steps, "cfg": args.cfg, "seconds": seconds, "ratio": base / seconds, "peak_gib": peaks[name],
+            "max_abs_diff": (outputs[name] - outputs["diffusers"]).abs().max().item(),
+            "max_abs_out": outputs["diffusers"].abs().max().item(), "unet_tflop_per_step": flop,
+            "peak_tflops": peak, "fraction_of_peak": flop * args.steps / seconds / peak,
+        }
         if reference is not None:
             row["max_abs_diff_fp32"] = (outputs[name] - reference).abs().max().item()
         if decode:
@@ -210,6 +224,8 @@ def run_big(args, upscaler: Upscaler) -> dict:
     steps = args.big_steps or args.steps
     side = args.big // 8
     low_res = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1)).to(args.device, args.dtype)
+    if args.big_autoencoder:
+        upscaler.autoencoder = load_autoencoder(args.big_autoencoder).to(args.device, args.dtype).eval()
     upscaler.configure(unet_tile=args.unet_tile or None, vae_tile=args.vae_tile or None)
     meter = Meter(args.device)
 
@@ -220,10 +236,10 @@ def run_big(args, upscaler: Upscaler) -> dict:
 
     with torch.no_grad():
         image, seconds, memory = meter(full)
-    tiles = f"unet {args.unet_tile or None}, vae {args.vae_tile or None}"
-    return dict(size=f"{args.big}->{2 * args.big}", run=f"latentup tiles: {tiles}", device=args.device,
-                dtype=str(args.dtype).split(".")[-1], steps=steps, cfg=args.cfg, seconds=seconds, peak_gib=memory,
-                image=list(image.shape))
+    tiles = f"unet {args.unet_tile or None}, {args.big_autoencoder or 'vae'} {args.vae_tile or None}"
+    return {"size": f"{args.big}->{2 * args.big}", "run": f"latentup tiles: {tiles}", "device": args.device,
+            "dtype": str(args.dtype).split(".")[-1], "steps": steps, "cfg": args.cfg, "seconds": seconds,
+            "peak_gib": memory, "image": list(image.shape)}
 
 
 def table(rows: list[dict]) -> str:
@@ -246,7 +262,7 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 stays fp32 on both sides
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per size
     peak = matmul_peak(args.device, args.dtype)
-    print(f"{args.device}: measured {str(args.dtype)} matmul peak {peak:.3g} TFLOP/s, {torch.get_num_threads()} threads")
+    print(f"{args.device}: measured {args.dtype!s} matmul peak {peak:.3g} TFLOP/s, {torch.get_num_threads()} threads")
     pipe = diffusers_pipeline(args.device, torch.float32 if args.reference else args.dtype)
     references = {}
     if args.reference:

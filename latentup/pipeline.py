@@ -5,6 +5,10 @@
 With the released weights, ``sampler="euler"``, ``schedule="log_linear"`` and the same seed, prompt and guidance,
 the result equals diffusers' StableDiffusionLatentUpscalePipeline (SPEC §3): one CPU generator per sample,
 consumed first by the VAE posterior sample (pixel input) and then by the initial noise.
+
+Speed and memory knobs (``configure``; docs/performance.md): channels_last, torch.compile, and tiling of the
+denoiser / autoencoder above a latent size. Below the tile sizes none of them changes the result beyond float
+rounding.
 """
 
 from dataclasses import dataclass
@@ -19,12 +23,15 @@ from latentup.diffusion.guidance import guided
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.diffusion.samplers import get_sampler
 from latentup.diffusion.schedules import make_sigmas
+from latentup.diffusion.tiling import TiledDenoiser
 from latentup.errors import ConfigError, InputError
 from latentup.imageio import load_image, merge_alpha, pad_to_multiple, split_alpha, to_pil, to_tensor
 from latentup.nn.unet import UNet
+from latentup.nn.winograd import Conv3x3
 from latentup.weights.sources import resolve_weights
 from latentup.weights.strict import load_strict
 
+VAE_TILE = 128  # default autoencoder tile (latent px): outputs up to 1024 px decode whole
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
 
@@ -72,15 +79,42 @@ def _as_list(value, n: int, name: str) -> list:
 class Upscaler:
     """A U-Net denoiser, an autoencoder and (for text-conditioned weights) a CLIP text conditioner."""
 
-    def __init__(self, unet: UNet, autoencoder: Autoencoder, text=None, noise_fourier=None, meta: dict | None = None):
+    def __init__(self, unet: UNet, autoencoder: Autoencoder, text=None, noise_fourier=None, meta: dict | None = None,
+                 **speed):
         self.unet, self.autoencoder, self.text = unet.eval(), autoencoder.eval(), text
-        self.denoiser = KarrasDenoiser(self.unet)
+        self.configure(**speed)
         self.noise_fourier = noise_fourier
         self.meta = meta or {}
         cfg = unet.config
         self.pooled_dim = cfg.mapping_cond_dim - 128 if cfg.mapping_cond_dim > 128 else 0
         if (cfg.cross_attention_dim or self.pooled_dim) and text is None:
             raise ConfigError("these weights are text-conditioned but no text encoder was given: pass text_encoder=PATH")
+
+    def configure(self, *, unet_tile: int | None = None, vae_tile: int | None = VAE_TILE,
+                  channels_last: bool | None = None, compile: str | None = None,
+                  winograd: bool | None = None) -> "Upscaler":
+        """Speed and memory knobs; sizes are latent pixels of the output (8 image pixels each).
+
+        unet_tile: above this side the denoiser runs on overlapping tiles of this side (None: never; inexact, since
+        the deepest level's self-attention then sees one tile). vae_tile: the same for the autoencoder's encode and
+        decode (None: never). channels_last: NHWC weights, so activations follow (None: on CUDA only).
+        compile: a ``torch.compile`` mode for the U-Net ("default", "reduce-overhead" adds CUDA graphs,
+        "max-autotune"), or None for eager. winograd: the U-Net's 3×3 convolutions as Winograd F(4×4, 3×3)
+        (``latentup.nn.winograd``; CPU float32 only, within ~2e-5 relative; None: on where it applies).
+        """
+        nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
+        fast_convs = winograd if winograd is not None else self.device.type == "cpu" and self.dtype == torch.float32
+        for module in self.unet.modules():
+            if isinstance(module, Conv3x3):
+                module.winograd = fast_convs
+        for module in (self.unet, self.autoencoder):
+            module.to(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+        self.autoencoder.tile_size = vae_tile
+        network = torch.compile(self.unet, mode=compile) if compile else self.unet
+        self.denoiser = KarrasDenoiser(network)
+        if unet_tile is not None:
+            self.denoiser = TiledDenoiser(self.denoiser, unet_tile, align=2 ** (len(self.unet.config.channels) - 1))
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -91,12 +125,14 @@ class Upscaler:
         return next(self.unet.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, weights, *, device="cpu", dtype="auto", autoencoder=None, text_encoder=None, download=False):
+    def from_pretrained(cls, weights, *, device="cpu", dtype="auto", autoencoder=None, text_encoder=None, download=False,
+                        **speed):
         """Load any supported weights (diffusers folder, latentup file, k-diffusion checkpoint).
 
         ``autoencoder``: an Autoencoder, or a spec for :func:`load_autoencoder` ("taesd", a vae/ folder, a file);
         defaults to the weights' own (a diffusers ``vae/`` or the file's metadata). ``text_encoder``: a
         CLIPTextConditioner or a HF CLIPTextModel folder; defaults to the weights' own ``text_encoder/``.
+        ``speed``: the knobs of ``configure``.
         """
         dtype = resolve_dtype(dtype, device)
         parts = resolve_weights(weights)
@@ -112,7 +148,7 @@ class Upscaler:
             text = CLIPTextConditioner.from_hf(text, tokenizer=parts.tokenizer)
         if text is not None:
             text = text.to(device, dtype)
-        return cls(unet, vae.to(device, dtype), text, parts.noise_fourier, parts.meta)
+        return cls(unet, vae.to(device, dtype), text, parts.noise_fourier, parts.meta, **speed)
 
     def _conditioning(self, low_res, settings: Settings, batch: int):
         """Per-half conditioning dicts for the denoiser: (cond, uncond or None)."""
@@ -128,14 +164,15 @@ class Upscaler:
             prompts = [""] * batch
         guided_run = settings.cfg_scale > 1
 
-        def encode(texts):
-            out = self.text.encode(texts, clip_skip=settings.clip_skip)
-            mapping = torch.cat([noise_embed, out.pooled.to(self.dtype)], dim=1) if self.pooled_dim else noise_embed
-            return {**base, "mapping_cond": mapping, "context": out.context.to(self.dtype)}
+        negatives = _as_list(settings.negative_prompt, batch, "negative_prompt") if guided_run else []
+        out = self.text.encode(prompts + negatives, clip_skip=settings.clip_skip)  # one text pass for both halves
 
-        cond = encode(prompts)
-        uncond = encode(_as_list(settings.negative_prompt, batch, "negative_prompt")) if guided_run else None
-        return cond, uncond
+        def half(rows: slice) -> dict:
+            pooled = out.pooled[rows].to(self.dtype)
+            mapping = torch.cat([noise_embed, pooled], dim=1) if self.pooled_dim else noise_embed
+            return {**base, "mapping_cond": mapping, "context": out.context[rows].to(self.dtype)}
+
+        return half(slice(0, batch)), half(slice(batch, None)) if guided_run else None
 
     @torch.no_grad()
     def sample(self, low_res: torch.Tensor, generators: list[torch.Generator], settings: Settings, progress=False):
@@ -151,7 +188,7 @@ class Upscaler:
             eps = torch.cat([torch.randn((1, channels, h, w), generator=g) for g in generators]).to(self.device)
             low_res = augment_low_res(low_res, torch.full((batch,), settings.noise_level, device=self.device), eps)
         cond, uncond = self._conditioning(low_res, settings, batch)
-        model = guided(self.denoiser, cond, settings.cfg_scale, uncond)
+        model = guided(self.denoiser, cond, settings.cfg_scale, uncond, prepare=self.denoiser.prepare)
 
         def fresh_noise(like):
             return torch.cat([torch.randn((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device)

@@ -6,11 +6,15 @@ splits the moments into a mean and a standard deviation (None for a deterministi
 The base class turns native latents into the latents a diffusion model expects:
 
     latent = (z - shift_factor) * scaling_factor,    z = latent / scaling_factor + shift_factor.
+
+Setting ``tile_size`` (latent pixels) makes ``encode`` / ``decode`` of anything with a longer side work in
+overlapping tiles of that side (``tiling.py``), which bounds their memory.
 """
 
 import torch
 from torch import Tensor, nn
 
+from latentup.autoencoders.tiling import decode_tiled, encode_tiled
 from latentup.errors import InputError
 
 Generators = torch.Generator | list[torch.Generator] | None
@@ -41,6 +45,8 @@ class Autoencoder(nn.Module):
     downscale: int = 8
     scaling_factor: float = 1.0
     shift_factor: float = 0.0
+    tile_size: int | None = None  # latent side above which encode/decode run tiled; None: never
+    tile_overlap: int | None = None  # latent pixels shared by neighbouring tiles; None: tile_size // 4
 
     def _encode_raw(self, image01: Tensor) -> Tensor:
         """Encoder moments in the native latent space (for a KL VAE: [mean || logvar] on channels)."""
@@ -54,14 +60,29 @@ class Autoencoder(nn.Module):
         """(mean, std) of the native latent; a deterministic encoder returns (moments, None)."""
         return moments, None
 
-    def encode(self, image01: Tensor, generator: Generators = None, sample: bool = True) -> Tensor:
-        """SD-scaled latent of ``image01``: z = mean + std * eps (eps as diffusers draws it), or the mean."""
-        mean, std = self._posterior(self._encode_raw(image01))
+    def encode(self, image01: Tensor, generator: Generators = None, sample: bool = True, noise=None) -> Tensor:
+        """SD-scaled latent of ``image01``: z = mean + std * eps, or the mean. eps as diffusers draws it from
+        ``generator``, or ``noise(shape)`` when given (e.g. counter-based draws in training)."""
+        mean, std = self._posterior(self._moments(image01))
         z = mean
         if sample and std is not None:
-            z = mean + std * randn(tuple(mean.shape), generator, mean.device, mean.dtype)
+            shape = tuple(mean.shape)
+            z = mean + std * (noise(shape).to(mean) if noise else randn(shape, generator, mean.device, mean.dtype))
         return (z - self.shift_factor) * self.scaling_factor
 
     def decode(self, latent: Tensor) -> Tensor:
         """Image in [0, 1] (clamped) of an SD-scaled latent."""
-        return self._decode_raw(latent / self.scaling_factor + self.shift_factor).clamp(0, 1)
+        z = latent / self.scaling_factor + self.shift_factor
+        image = decode_tiled(self, z, *self._tiling()) if self._tiled(z.shape[-2:]) else self._decode_raw(z)
+        return image.clamp(0, 1)
+
+    def _moments(self, image01: Tensor) -> Tensor:
+        if self._tiled([side // self.downscale for side in image01.shape[-2:]]):
+            return encode_tiled(self, image01, *self._tiling())
+        return self._encode_raw(image01)
+
+    def _tiled(self, latent_size) -> bool:
+        return self.tile_size is not None and max(latent_size) > self.tile_size
+
+    def _tiling(self) -> tuple[int, int]:
+        return self.tile_size, self.tile_size // 4 if self.tile_overlap is None else self.tile_overlap

@@ -12,11 +12,17 @@ def _stack(uncond: dict, cond: dict) -> dict:
     return {k: None if cond[k] is None else torch.cat([uncond[k], cond[k]]) for k in cond}
 
 
-def guided(denoiser, cond: dict, scale: float = 1.0, uncond: dict | None = None):
-    """``model(x, sigma) -> x0`` for a denoiser and conditioning dicts; CFG when ``scale > 1`` and uncond is given."""
+def guided(denoiser, cond: dict, scale: float = 1.0, uncond: dict | None = None, prepare=None):
+    """``model(x, sigma) -> x0`` for a denoiser and conditioning dicts; CFG when ``scale > 1`` and uncond is given.
+
+    ``prepare(**cond) -> cond`` (e.g. ``KarrasDenoiser.prepare``) turns the (stacked) conditioning into what every
+    step reuses, once per call.
+    """
+    prepare = prepare or (lambda **c: c)
     if uncond is None or scale <= 1.0:
+        cond = prepare(**cond)
         return lambda x, sigma: denoiser(x, sigma, **cond)
-    both = _stack(uncond, cond)
+    both = prepare(**_stack(uncond, cond))
 
     def model(x, sigma):
         d_uncond, d_cond = denoiser(torch.cat([x, x]), sigma, **both).chunk(2)

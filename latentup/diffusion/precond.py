@@ -33,16 +33,25 @@ class KarrasDenoiser(nn.Module):
         total = sigma**2 + sd2
         return sd2 / total, sigma * self.sigma_data / total**0.5, total**-0.5
 
-    def network(self, x, sigma, image_cond, mapping_cond=None, context=None, context_mask=None) -> torch.Tensor:
+    def prepare(self, image_cond, mapping_cond=None, context=None, context_mask=None) -> dict:
+        """Conditioning for a whole sampling call, with the U-Net's per-call constants computed once
+        (``UNet.condition``); pass the result to every step as ``**cond``."""
+        return {"image_cond": image_cond, "conditioning": self.unet.condition(mapping_cond, context, context_mask)}
+
+    def network(self, x, sigma, image_cond, mapping_cond=None, context=None, context_mask=None,
+                conditioning=None) -> torch.Tensor:
         """Raw U-Net output for the noisy latent x at noise level sigma (scalar or [B])."""
         _, _, c_in = self.scalings(_per_sample(sigma, x))
         c_noise = torch.log(sigma) * 0.25
         net_in = torch.cat([(x * c_in).to(image_cond.dtype), image_cond], dim=1)
+        if conditioning is not None:
+            return self.unet(net_in, c_noise, conditioning=conditioning)
         return self.unet(net_in, c_noise, mapping_cond=mapping_cond, context=context, context_mask=context_mask)
 
-    def forward(self, x, sigma, image_cond, mapping_cond=None, context=None, context_mask=None) -> torch.Tensor:
+    def forward(self, x, sigma, image_cond, mapping_cond=None, context=None, context_mask=None,
+                conditioning=None) -> torch.Tensor:
         """D(x; sigma): the denoised latent, in float32 when x is float32."""
-        out = self.network(x, sigma, image_cond, mapping_cond, context, context_mask)
+        out = self.network(x, sigma, image_cond, mapping_cond, context, context_mask, conditioning)
         c_skip, c_out, _ = self.scalings(_per_sample(sigma, x))
         return c_skip * x + c_out * out[:, : x.shape[1]]
 

@@ -3,6 +3,8 @@
 ``model(x, sigma) -> x0`` is a denoiser (guidance already applied); ``sigmas`` is a decreasing grid whose first
 entry is the noise level of ``x``; ``noise(x)`` returns fresh N(0, I) noise shaped like x (ancestral samplers
 only). Arithmetic is float32. With d = (x - D(x; s)) / s the probability-flow ODE is dx/ds = d.
+
+The noise levels live on x's device and branches read a host copy, so the step loop never waits for the device.
 """
 
 import torch
@@ -11,17 +13,19 @@ from tqdm.auto import tqdm
 from latentup.errors import ConfigError
 
 
-def _steps(sigmas: torch.Tensor, progress: bool, name: str):
-    return tqdm(range(len(sigmas) - 1), desc=name, disable=not progress, leave=False)
+def _steps(sigmas: torch.Tensor, x: torch.Tensor, progress: bool, name: str):
+    """(sigma, sigma_next, whether sigma_next is 0) per step; the sigmas on x's device, the test on the host."""
+    on_device, zero = sigmas.to(x.device), [s == 0 for s in sigmas.tolist()]
+    for i in tqdm(range(len(sigmas) - 1), desc=name, disable=not progress, leave=False):
+        yield on_device[i], on_device[i + 1], zero[i + 1]
 
 
 @torch.no_grad()
 def euler(model, x, sigmas, *, noise=None, progress=False):
     """Euler: x <- x + d (s_next - s). Bit-for-bit diffusers' EulerDiscreteScheduler step (gamma = 0)."""
-    for i in _steps(sigmas, progress, "euler"):
-        sigma = sigmas[i]
+    for sigma, sigma_next, _ in _steps(sigmas, x, progress, "euler"):
         derivative = (x - model(x, sigma)) / sigma
-        x = x + derivative * (sigmas[i + 1] - sigma)
+        x = x + derivative * (sigma_next - sigma)
     return x
 
 
@@ -30,13 +34,12 @@ def euler_ancestral(model, x, sigmas, *, noise=None, progress=False, eta: float 
     """Euler ancestral: step down to s_down, then add noise of std s_up, with s_down^2 + s_up^2 = s_next^2."""
     if noise is None:
         raise ConfigError("euler_ancestral needs a noise source (noise=...)")
-    for i in _steps(sigmas, progress, "euler_ancestral"):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for sigma, sigma_next, to_zero in _steps(sigmas, x, progress, "euler_ancestral"):
         denoised = model(x, sigma)
         sigma_up = torch.minimum(sigma_next, eta * (sigma_next**2 * (sigma**2 - sigma_next**2) / sigma**2) ** 0.5)
         sigma_down = (sigma_next**2 - sigma_up**2) ** 0.5
         x = x + (x - denoised) / sigma * (sigma_down - sigma)
-        if sigma_next > 0:
+        if not to_zero:
             x = x + noise(x) * sigma_up
     return x
 
@@ -44,11 +47,10 @@ def euler_ancestral(model, x, sigmas, *, noise=None, progress=False, eta: float 
 @torch.no_grad()
 def heun(model, x, sigmas, *, noise=None, progress=False):
     """Heun (EDM Alg. 1, no churn): Euler predictor, trapezoidal corrector; the last step to 0 is plain Euler."""
-    for i in _steps(sigmas, progress, "heun"):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for sigma, sigma_next, to_zero in _steps(sigmas, x, progress, "heun"):
         d = (x - model(x, sigma)) / sigma
         x_euler = x + d * (sigma_next - sigma)
-        if sigma_next == 0:
+        if to_zero:
             x = x_euler
             continue
         d_next = (x_euler - model(x_euler, sigma_next)) / sigma_next
@@ -64,10 +66,9 @@ def dpmpp_2m(model, x, sigmas, *, noise=None, progress=False):
     D' = (1 + 1/(2r)) D_i - 1/(2r) D_{i-1} with r = h_prev / h (D' = D_i on the first and the final step).
     """
     previous, h_prev = None, None
-    for i in _steps(sigmas, progress, "dpmpp_2m"):
-        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+    for sigma, sigma_next, to_zero in _steps(sigmas, x, progress, "dpmpp_2m"):
         denoised = model(x, sigma)
-        if sigma_next == 0:
+        if to_zero:
             x = denoised
             continue
         h = torch.log(sigma) - torch.log(sigma_next)

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from latentup.nn.winograd import Conv3x3
+
 GROUP_SIZE = 32
 MASK_BIAS = -10000.0
 
@@ -37,7 +39,10 @@ class FourierFeatures(nn.Module):
 
 
 class TimeEmbedding(nn.Module):
-    """emb = GELU(linear_2(GELU(linear_1(t_emb + cond_proj(mapping_cond))))); cond_dim = 0: no cond_proj."""
+    """emb = GELU(linear_2(GELU(linear_1(t_emb + m)))), m = cond_proj(mapping_cond); cond_dim = 0: no cond_proj.
+
+    m does not depend on the noise level, so a sampler computes it once per call (``project``).
+    """
 
     def __init__(self, dim: int, cond_dim: int = 0):
         super().__init__()
@@ -45,14 +50,22 @@ class TimeEmbedding(nn.Module):
         self.cond_proj = nn.Linear(cond_dim, dim, bias=False) if cond_dim else None
         self.linear_2 = nn.Linear(dim, dim)
 
-    def forward(self, t_emb: torch.Tensor, mapping_cond: torch.Tensor | None = None) -> torch.Tensor:
-        if mapping_cond is not None and self.cond_proj is not None:
-            t_emb = t_emb + self.cond_proj(mapping_cond)
+    def project(self, mapping_cond: torch.Tensor | None) -> torch.Tensor | None:
+        """m = cond_proj(mapping_cond), or None without mapping_cond or cond_proj."""
+        return None if mapping_cond is None or self.cond_proj is None else self.cond_proj(mapping_cond)
+
+    def forward(self, t_emb: torch.Tensor, projected: torch.Tensor | None = None) -> torch.Tensor:
+        if projected is not None:
+            t_emb = t_emb + projected
         return F.gelu(self.linear_2(F.gelu(self.linear_1(t_emb))))
 
 
 class AdaGroupNorm(nn.Module):
-    """y = GroupNorm(x; C/32 groups, eps 1e-5, no affine)·(1 + a) + b, with (a, b) = chunk₂(linear(emb))."""
+    """y = GroupNorm(x; C/32 groups, eps 1e-5, no affine)·(1 + a) + b, with (a, b) = chunk₂(linear(emb)).
+
+    For a contiguous (NCHW) x this is one GroupNorm over [1, B·C, H, W] with B·G groups and per-channel affine
+    (1 + a, b): the same statistics, without a second pass over x. Other layouts (channels_last) normalise first.
+    """
 
     def __init__(self, emb_dim: int, channels: int):
         super().__init__()
@@ -60,22 +73,28 @@ class AdaGroupNorm(nn.Module):
         self.linear = nn.Linear(emb_dim, 2 * channels)
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        scale, shift = self.linear(emb)[:, :, None, None].chunk(2, dim=1)
+        scale, shift = self.linear(emb).chunk(2, dim=1)
+        if x.is_contiguous():
+            b, c, *size = x.shape
+            y = F.group_norm(x.reshape(1, b * c, *size), b * self.groups, (1 + scale).flatten(), shift.flatten(), 1e-5)
+            return y.view_as(x)
+        scale, shift = scale[:, :, None, None], shift[:, :, None, None]
         return torch.addcmul(shift, F.group_norm(x, self.groups, eps=1e-5), 1 + scale)
 
 
 class ResBlock(nn.Module):
     """k-diffusion ResConvBlock: h = conv2(GELU(norm2(conv1(GELU(norm1(x)))))) + skip(x), 3×3 convs.
 
-    skip is a bias-free 1×1 conv ``conv_shortcut`` when c_in ≠ c_out, else the identity.
+    skip is a bias-free 1×1 conv ``conv_shortcut`` when c_in ≠ c_out, else the identity. The 3×3 convs can run
+    as Winograd F(4×4, 3×3) on CPU (``winograd.py``).
     """
 
     def __init__(self, c_in: int, c_mid: int, c_out: int, emb_dim: int):
         super().__init__()
         self.norm1 = AdaGroupNorm(emb_dim, c_in)
-        self.conv1 = nn.Conv2d(c_in, c_mid, 3, padding=1)
+        self.conv1 = Conv3x3(c_in, c_mid)
         self.norm2 = AdaGroupNorm(emb_dim, c_mid)
-        self.conv2 = nn.Conv2d(c_mid, c_out, 3, padding=1)
+        self.conv2 = Conv3x3(c_mid, c_out)
         self.conv_shortcut = nn.Conv2d(c_in, c_out, 1, bias=False) if c_in != c_out else None
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
@@ -88,7 +107,8 @@ class Attention(nn.Module):
     """Multi-head attention softmax(q·kᵀ/√d + bias)·v over tokens [B, N, C] (torch SDPA).
 
     Self-attention when ``context_dim`` is None; otherwise keys/values come from LayerNorm(context)
-    (``norm_cross``). ``to_out`` is a one-element list only so that the keys read ``to_out.0.*`` as in diffusers.
+    (``norm_cross``). ``kv(context)`` depends on the text only, so a sampler computes it once per call and passes
+    it as ``kv``. ``to_out`` is a one-element list only so that the keys read ``to_out.0.*`` as in diffusers.
     """
 
     def __init__(self, dim: int, heads: int, context_dim: int | None = None):
@@ -100,10 +120,19 @@ class Attention(nn.Module):
         self.to_v = nn.Linear(context_dim or dim, dim)
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None):
-        context = x if self.norm_cross is None else self.norm_cross(context)
-        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in
-                   (self.to_q(x), self.to_k(context), self.to_v(context)))
+    def _split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return t.unflatten(-1, (self.heads, -1)).transpose(1, 2)
+
+    def kv(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values [B, heads, T, d] of the tokens ``source`` (LayerNorm first for cross-attention)."""
+        if self.norm_cross is not None:
+            source = self.norm_cross(source)
+        return self._split_heads(self.to_k(source)), self._split_heads(self.to_v(source))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        k, v = kv if kv is not None else self.kv(x if context is None else context)
+        q = self._split_heads(self.to_q(x))
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q.dtype))
         return self.to_out[0](out.transpose(1, 2).flatten(2))
 
@@ -111,7 +140,8 @@ class Attention(nn.Module):
 class KAttentionBlock(nn.Module):
     """Attention without feed-forward: x += attn1(norm1(x)) (optional), then x += attn2(norm2(x), context).
 
-    Feature maps become HW tokens through an NHWC view, which is free for channels_last inputs.
+    Feature maps become HW tokens through an NHWC view, which is free for channels_last inputs. ``kv``: the
+    cross-attention's precomputed ``attn2.kv(context)`` (then ``context`` is not read).
     """
 
     def __init__(self, dim: int, heads: int, emb_dim: int, self_attn: bool, context_dim: int | None):
@@ -127,11 +157,11 @@ class KAttentionBlock(nn.Module):
         out = attn(x.permute(0, 2, 3, 1).reshape(b, h * w, c), *args)
         return out.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
-    def forward(self, x, emb, context=None, context_bias=None) -> torch.Tensor:
+    def forward(self, x, emb, context=None, context_bias=None, kv=None) -> torch.Tensor:
         if self.attn1 is not None:
             x = x + self._tokens(self.attn1, self.norm1(x, emb))
         if self.attn2 is not None:
-            x = x + self._tokens(self.attn2, self.norm2(x, emb), context, context_bias)
+            x = x + self._tokens(self.attn2, self.norm2(x, emb), context, context_bias, kv)
         return x
 
 

@@ -8,9 +8,13 @@
     out  = conv_out(h)                                          1×1, channels[0] → out
 
 No mid block, no output norm. Sides must be multiples of 2^(levels-1) and at least 2^levels.
+
+Everything the conditioning inputs contribute without x or the noise level (cond_proj(mapping_cond), the padding
+bias, each cross-attention's keys/values of the text) is a ``Conditioning``; a sampler builds it once per call with
+``UNet.condition`` and passes it to every step.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -145,6 +149,17 @@ class UNetConfig:
         return dict(sorted(config.items()))
 
 
+@dataclass
+class Conditioning:
+    """Per-call constants of the U-Net: m = cond_proj(mapping_cond) [B, E], context [B, T, D], the padding bias
+    [B, 1, 1, T], and (when precomputed) the cross-attention (k, v) of each attention block, per level."""
+
+    mapping: torch.Tensor | None = None
+    context: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    kv: list[list[tuple[torch.Tensor, torch.Tensor]] | None] = field(default_factory=list)
+
+
 class Level(nn.Module):
     """One resolution level: ResBlock (c_in, c_mid, c_out) per layer, each followed by its attention block if any."""
 
@@ -157,14 +172,20 @@ class Level(nn.Module):
         ) if self_attn or context_dim else None
         self.resample = resample
 
-    def forward(self, x, emb, context, context_bias, use_checkpoint: bool = False) -> torch.Tensor:
+    def context_kv(self, context: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """Cross-attention keys/values of ``context`` for each attention block (None without cross-attention)."""
+        if self.attentions is None or self.attentions[0].attn2 is None:
+            return None
+        return [block.attn2.kv(context) for block in self.attentions]
+
+    def forward(self, x, emb, context, context_bias, kv=None, use_checkpoint: bool = False) -> torch.Tensor:
         def run(module, *args):
             return checkpoint(module, *args, use_reentrant=False) if use_checkpoint else module(*args)
 
         for j, resnet in enumerate(self.resnets):
             x = run(resnet, x, emb)
             if self.attentions is not None:
-                x = run(self.attentions[j], x, emb, context, context_bias)
+                x = run(self.attentions[j], x, emb, context, context_bias, None if kv is None else kv[j])
         return x
 
 
@@ -206,31 +227,47 @@ class UNet(nn.Module):
         nn.init.zeros_(self.conv_out.weight)
         nn.init.zeros_(self.conv_out.bias)
 
-    def forward(self, x, c_noise, mapping_cond=None, context=None, context_mask=None) -> torch.Tensor:
+    def condition(self, mapping_cond=None, context=None, context_mask=None, precompute_kv: bool = True) -> Conditioning:
+        """The per-call constants for these conditioning inputs (see ``forward``).
+
+        ``precompute_kv=False`` leaves the cross-attention keys/values to each block's own forward (training, where
+        FSDP gathers a block's weights only inside its forward).
+        """
+        cross = self.config.cross_attention_dim is not None and any(self.config.cross_attn)
+        if cross and context is None:
+            raise InputError("this U-Net has cross-attention: pass context [B, T, D] (text hidden states)")
+        bias = None
+        if cross and context_mask is not None:
+            bias = torch.where(context_mask.to(context.device, torch.bool), 0.0, MASK_BIAS)[:, None, None, :]
+        levels = (*self.down_blocks, *self.up_blocks)
+        kv = [level.context_kv(context) for level in levels] if cross and precompute_kv else []
+        return Conditioning(self.time_embedding.project(mapping_cond), context if cross else None, bias, kv)
+
+    def forward(self, x, c_noise, mapping_cond=None, context=None, context_mask=None,
+                conditioning: Conditioning | None = None) -> torch.Tensor:
         """x [B, in, H, W]; c_noise [] or [B] = ln(σ)/4; mapping_cond [B, mapping_cond_dim]; context [B, T, D];
         context_mask [B, T] bool, True = keep (padding gets a -10000 logit bias). Returns [B, out, H, W].
-        mapping_cond / context are ignored by a U-Net without cond_proj / cross-attention."""
+        mapping_cond / context are ignored by a U-Net without cond_proj / cross-attention. ``conditioning``
+        (from ``condition``) replaces mapping_cond / context / context_mask."""
         n, (b, _, height, width) = len(self.config.channels), x.shape
         if height % 2 ** (n - 1) or width % 2 ** (n - 1) or min(height, width) < 2**n:
             raise InputError(f"U-Net input sides must be multiples of {2 ** (n - 1)} and at least {2**n}, "
                              f"got {height}×{width}; crop or pad the latent")
-        cross = self.config.cross_attention_dim is not None and any(self.config.cross_attn)
-        if cross and context is None:
-            raise InputError("this U-Net has cross-attention: pass context [B, T, D] (text hidden states)")
+        if conditioning is None:
+            conditioning = self.condition(mapping_cond, context, context_mask, precompute_kv=False)
+        cond = conditioning
         c_noise = torch.as_tensor(c_noise, dtype=torch.float32, device=x.device).expand(b)
-        emb = self.time_embedding(self.time_proj(c_noise).to(x.dtype), mapping_cond)
-        bias = None
-        if cross and context_mask is not None:
-            bias = torch.where(context_mask.to(x.device, torch.bool), 0.0, MASK_BIAS)[:, None, None, :]
+        emb = self.time_embedding(self.time_proj(c_noise).to(x.dtype), cond.mapping)
         ckpt = self.gradient_checkpointing and torch.is_grad_enabled()
+        kv = cond.kv or [None] * (2 * n)
 
         h, skips = self.conv_in(x), []
-        for block in self.down_blocks:
-            h = block(h, emb, context, bias, ckpt)
+        for block, block_kv in zip(self.down_blocks, kv[:n]):
+            h = block(h, emb, cond.context, cond.bias, block_kv, ckpt)
             skips.append(h)
             h = block.resample(h)
-        for k, block in enumerate(self.up_blocks):
+        for k, (block, block_kv) in enumerate(zip(self.up_blocks, kv[n:])):
             if k:
                 h = torch.cat([h, skips[-1 - k]], dim=1)
-            h = block.resample(block(h, emb, context, bias, ckpt))
+            h = block.resample(block(h, emb, cond.context, cond.bias, block_kv, ckpt))
         return self.conv_out(h)
