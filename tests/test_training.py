@@ -1,5 +1,5 @@
-"""Training: schedules, EMA, the LightningModule (loss falls, text path), exact resume after a kill, DDP parity,
-and the exports (diffusers UNet2DConditionModel parity, pipeline loading)."""
+"""Training: schedules, EMA, the counter-based draws, the LightningModule (loss falls, text path), exact resume
+after a kill, DDP parity, and the exports (diffusers UNet2DConditionModel parity, pipeline loading)."""
 
 import csv
 import math
@@ -18,6 +18,7 @@ from test_data import make_images
 from latentup.data.datamodule import PairDataModule
 from latentup.data.prepare import PrepareSettings, prepare_pairs
 from latentup.data.shards import LatentShardDataset
+from latentup.diffusion.densities import random_words, standard_normal, uniform_pairs
 from latentup.nn.unet import UNetConfig
 from latentup.training.ema import ema_decay, ema_update
 from latentup.training.export import export_checkpoint
@@ -91,10 +92,98 @@ def test_inverse_lr_and_ema_decay():
     assert inverse_lr_factor(20000, warmup=0.0) == pytest.approx(0.5)
     assert ema_decay(0) == 0.0 and ema_decay(31622) == pytest.approx(0.999, abs=1e-6)
     assert ema_decay(10**7) == 0.9999
-    ema, live = torch.nn.Linear(2, 2), torch.nn.Linear(2, 2)
+    ema, live = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        live.weight.normal_()
+        live.running_mean.normal_()
     before = ema.weight.clone()
     ema_update(ema, live, 0.75)
     assert torch.allclose(ema.weight, 0.75 * before + 0.25 * live.weight)
+    assert torch.equal(ema.running_mean, live.running_mean)  # buffers copied, not averaged
+
+
+def ks_uniform(u: torch.Tensor) -> float:
+    """Kolmogorov–Smirnov distance of the sample ``u`` to U(0, 1)."""
+    u = u.double().flatten().sort().values
+    i = torch.arange(1, len(u) + 1, dtype=torch.float64)
+    return max(float((i / len(u) - u).max()), float((u - (i - 1) / len(u)).max()))
+
+
+def correlation(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double().flatten(), b.double().flatten()
+    return float(torch.corrcoef(torch.stack([a, b]))[0, 1])
+
+
+def test_counter_draws_are_splitmix_uniform_and_normal():
+    """The words equal a Python reference of the hash (SplitMix64's finaliser); the uniforms pass a KS test and the
+    normals have mean 0, std 1, a normal CDF and no correlation between neighbouring indices or positions."""
+    mask = 2**64 - 1
+
+    def finalise(x: int) -> int:
+        x = (x ^ x >> 30) * 0xBF58476D1CE4E5B9 & mask
+        x = (x ^ x >> 27) * 0x94D049BB133111EB & mask
+        return x ^ x >> 31
+
+    assert finalise(0x9E3779B97F4A7C15) == 0xE220A8397B1DCDAF  # SplitMix64's first output for seed 0
+    key, positions = 2**62 + 12345, torch.tensor([0, 7, 2**40])
+    expected = [[finalise(finalise((key + ((p << 20) + j) * 0x9E3779B97F4A7C15) & mask)) for j in range(6)]
+                for p in positions.tolist()]
+    assert [[w & mask for w in row] for row in random_words(key, positions, 6).tolist()] == expected
+
+    u = uniform_pairs(random_words(1, torch.arange(256), 512))  # 2^18 uniforms
+    assert 0 < float(u.min()) and float(u.max()) < 1
+    assert ks_uniform(u) < 1.95 / math.sqrt(u.numel())  # KS at α = 0.001
+    z = standard_normal(2, torch.arange(512), (4, 16, 16)).flatten(1)  # 2^19 normals
+    n = z.numel()
+    assert abs(float(z.mean())) < 5 / math.sqrt(n) and abs(float(z.std()) - 1) < 5 / math.sqrt(2 * n)
+    assert ks_uniform(torch.special.ndtr(z.double())) < 1.95 / math.sqrt(n)
+    for a, b in [(z[:, :-1], z[:, 1:]), (z[:-1], z[1:]), (z[:, 0::2], z[:, 1::2])]:  # indices, positions, pairs
+        assert abs(correlation(a, b)) < 5 / math.sqrt(a.numel())
+    assert abs(correlation(z[:, 0::2] ** 2, z[:, 1::2] ** 2)) < 5 / math.sqrt(n / 2)  # Box–Muller pairs independent
+
+
+def test_training_draws_follow_the_densities_and_ignore_batch_composition():
+    """σ, σ_lr, caption drop and noise of module.draws: a sample's draws are bit-identical in any batch (subset,
+    order), differ between seeds, and follow lognormal(-0.5, 1.2), ½·δ₀ + ½·U(0, 0.6), Bernoulli(0.1)."""
+    module = UpscalerModule(TINY, caption_dropout=0.1, seed=3, validation={"lpips": False})
+    shapes = (4, 16, 16), (4, 8, 8)
+    full = module.draws(torch.arange(4096), *shapes)
+    generator = torch.Generator().manual_seed(0)
+    for size in (1, 3, 128):
+        subset = torch.randperm(4096, generator=generator)[:size]
+        part = module.draws(subset, *shapes)
+        assert all(torch.equal(part[k], full[k][subset]) for k in full)
+    other = UpscalerModule(TINY, seed=4, validation={"lpips": False}).draws(torch.arange(8), *shapes)
+    assert not torch.equal(other["noise"], full["noise"][:8])
+    n = 4096
+    log_sigma = full["sigma"].log()
+    assert abs(float(log_sigma.mean()) + 0.5) < 5 * 1.2 / math.sqrt(n)
+    assert abs(float(log_sigma.std()) - 1.2) < 5 * 1.2 / math.sqrt(2 * n)
+    assert ks_uniform(torch.special.ndtr((log_sigma.double() + 0.5) / 1.2)) < 1.95 / math.sqrt(n)
+    augmented = full["sigma_lr"][full["sigma_lr"] > 0]
+    assert abs(len(augmented) / n - 0.5) < 5 * 0.5 / math.sqrt(n)
+    assert float(augmented.max()) < 0.6 and ks_uniform(augmented / 0.6) < 1.95 / math.sqrt(len(augmented))
+    assert abs(float(full["drop"].float().mean()) - 0.1) < 5 * 0.3 / math.sqrt(n)
+    for noise, shape in zip((full["noise"], full["lr_noise"]), shapes):
+        assert noise.shape == (n, *shape)
+        assert abs(float(noise.mean())) < 5 / math.sqrt(noise.numel()) and abs(float(noise.std()) - 1) < 0.01
+    assert abs(correlation(full["noise"].flatten(1)[:, -1], full["lr_noise"].flatten(1)[:, 0])) < 5 / math.sqrt(n)
+
+
+def test_posterior_noise_is_keyed_by_stream_position():
+    """On-the-fly encoding with a KL VAE: z = mean + std·ε, ε a function of (seed, position), not of the batch."""
+    from latentup.autoencoders.kl import AutoencoderKL, KLConfig
+
+    vae = AutoencoderKL(KLConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)).eval()
+    module = UpscalerModule(TINY, autoencoder=vae, validation={"lpips": False})
+    pixels = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    batch = {"hr_pixels": pixels, "lr_pixels": pixels[..., ::2, ::2]}
+    hr, lr = module.latents(batch, torch.tensor([5, 6, 7, 8]))
+    sub_hr, sub_lr = module.latents({k: v[[2, 0]] for k, v in batch.items()}, torch.tensor([7, 5]))
+    assert torch.allclose(sub_hr, hr[[2, 0]], atol=1e-5) and torch.allclose(sub_lr, lr[[2, 0]], atol=1e-5)
+    mean = module.latents(batch, sample=False)[0]
+    assert torch.allclose(mean, vae.encode(pixels, sample=False), atol=1e-6)
+    assert (hr - mean).abs().mean() > 0.01
 
 
 @pytest.mark.filterwarnings("ignore:.*eval mode")
@@ -118,7 +207,7 @@ def test_loss_falls_on_generated_images(shards, tmp_path):
     trainer.fit(module, datamodule=data)
     after = fixed_loss()
     assert after < 0.67 * before, (before, after)
-    assert int(module.ema_updates) == 60
+    assert int(module.ema_updates) == module.ema_step == 60
     ema_gap = max((a - b).abs().max() for a, b in zip(module.model_ema.parameters(), module.model.parameters()))
     assert 0 < ema_gap < 1  # the EMA lags the live weights
 

@@ -21,10 +21,12 @@ def ema_decay(step: int, power: float = 2 / 3, inv_gamma: float = 1.0, min_decay
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
-    """θ_ema ← decay θ_ema + (1 - decay) θ for parameters (same order, same shapes); buffers copied."""
+    """θ_ema ← θ_ema + (1 - decay)(θ - θ_ema) for parameters (same order, shapes and dtypes), buffers copied: one
+    fused multi-tensor lerp and one multi-tensor copy, whatever the number of tensors."""
     ema_params, params = list(ema.parameters()), list(model.parameters())
     if len(ema_params) != len(params):
         raise ValueError(f"EMA model has {len(ema_params)} parameters, the model {len(params)}")
-    torch._foreach_lerp_(ema_params, [p.detach().to(e.dtype) for p, e in zip(params, ema_params)], 1.0 - decay)
-    for ema_buffer, buffer in zip(ema.buffers(), model.buffers()):
-        ema_buffer.copy_(buffer)
+    torch._foreach_lerp_(ema_params, params, 1.0 - decay)
+    ema_buffers = list(ema.buffers())
+    if ema_buffers:
+        torch._foreach_copy_(ema_buffers, list(model.buffers()))

@@ -1,18 +1,24 @@
 """LightningModule: train the ×2 latent upscaler with the DenoiserWithVariance objective (SPEC §5).
 
-Per sample i of a batch (all randomness from a generator seeded by (seed, stream position), so that results do
-not depend on how a global batch is split over ranks, and a resumed run repeats the same draws):
+Per sample i of a batch (all randomness a pure function of (seed, stream position p_i), drawn for the whole batch
+on the device by ``latentup.diffusion.densities``, so that results do not depend on how a global batch is split
+over ranks, and a resumed run repeats the same draws):
 
     σ_i ~ sigma_density (lognormal(-0.5, 1.2)),   σ_lr,i ~ lr_noise_density (0 w.p. ½, else U(0, 0.6))
     z_lr ← z_lr + σ_lr ε',   (image_cond, noise_embed) = low_res_conditioning(z_lr, σ_lr, W_lr)
     mapping_cond = [noise_embed ‖ pooled text],   caption → "" with probability ``caption_dropout``
     L = mean_i DenoiserWithVariance(z_hr, ε, σ_i | image_cond, mapping_cond, context)
 
+Word streams (key = mix_seed(seed, tag)): tag 2 → σ, σ_lr, caption drop, ε ‖ ε' (``draws``); 3 / 4 → the
+autoencoder's posterior noise of the HR / LR pixels (on-the-fly encoding). The module reads no value back from the
+device during a step (no host-device synchronisation), so the host can run ahead of the GPU.
+
 The EMA copy (``model_ema``) is updated after every optimizer step and is what validation samples with and
 what gets exported. The autoencoder and the text encoder are frozen helpers kept out of the checkpoint.
 """
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import asdict
 from functools import partial
@@ -22,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from latentup.data.stream import mix_seed
+from latentup.diffusion import densities
 from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
-from latentup.diffusion.densities import lognormal, low_res_sigma
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.errors import ConfigError
 from latentup.nn.unet import UNet, UNetConfig
@@ -31,8 +37,8 @@ from latentup.training.ema import ema_decay, ema_update
 from latentup.training.validation import Validator
 
 NOISE_EMBED_DIM = 128  # 64 Fourier frequencies of log1p(σ_lr), std 2 (SPEC §4.3)
-SIGMA_DENSITY = partial(lognormal, mean=-0.5, std=1.2)
-LR_NOISE_DENSITY = partial(low_res_sigma, p_zero=0.5, maximum=0.6)
+SIGMA_DENSITY = partial(densities.lognormal, mean=-0.5, std=1.2)
+LR_NOISE_DENSITY = partial(densities.low_res_sigma, p_zero=0.5, maximum=0.6)
 
 
 def as_unet_config(config: UNetConfig | dict) -> UNetConfig:
@@ -82,6 +88,7 @@ class UpscalerModule(L.LightningModule):
         self.model_ema = copy.deepcopy(self.model).requires_grad_(False).eval()
         self.model_ema.unet.gradient_checkpointing = False
         self.register_buffer("ema_updates", torch.zeros((), dtype=torch.long))
+        self.ema_step = 0  # host copy of ema_updates (read once per fit): the decay needs no device read
         # frozen helpers: outside the module tree, so neither checkpointed nor wrapped by DDP/FSDP
         object.__setattr__(self, "autoencoder", autoencoder.requires_grad_(False).eval() if autoencoder else None)
         object.__setattr__(self, "text_encoder", text_encoder.requires_grad_(False).eval() if text_encoder else None)
@@ -141,21 +148,25 @@ class UpscalerModule(L.LightningModule):
 
     # ---- batch -> conditioning ------------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_pixels(self, pixels: Tensor, seeds: list[int] | None, sample: bool) -> Tensor:
+    def encode_pixels(self, pixels: Tensor, positions: Tensor | None, sample: bool, tag: int) -> Tensor:
+        """SD-scaled latent (z - shift)·scale of z = mean + std·ε (``sample``, for a stochastic encoder) or the mean;
+        ε from stream ``tag`` at ``positions`` (the global RNG without)."""
         if self.autoencoder is None:
             raise ConfigError("pixel batches need an autoencoder: set autoencoder=taesd (or sd_vae)")
-        generators = None if seeds is None else [torch.Generator().manual_seed(s) for s in seeds]
-        with torch.autocast(self.device.type, enabled=False):
-            return self.autoencoder.encode(pixels.float(), generator=generators, sample=sample).float()
 
-    def latents(self, batch: dict, seeds: list[int] | None = None, sample: bool = True) -> tuple[Tensor, Tensor]:
+        def noise(shape):
+            return densities.standard_normal(mix_seed(self.seed, tag), positions, shape[1:])
+
+        with torch.autocast(self.device.type, enabled=False):
+            return self.autoencoder.encode(pixels.float(), sample=sample,
+                                           noise=None if positions is None else noise).float()
+
+    def latents(self, batch: dict, positions: Tensor | None = None, sample: bool = True) -> tuple[Tensor, Tensor]:
         """(HR latent, LR latent): stored in the batch, or encoded from its pixels."""
         if "hr" in batch:
             return batch["hr"].float(), batch["lr"].float()
-        hr_seeds = None if seeds is None else [mix_seed(s, 0) for s in seeds]
-        lr_seeds = None if seeds is None else [mix_seed(s, 1) for s in seeds]
-        return (self.encode_pixels(batch["hr_pixels"], hr_seeds, sample),
-                self.encode_pixels(batch["lr_pixels"], lr_seeds, sample))
+        return (self.encode_pixels(batch["hr_pixels"], positions, sample, tag=3),
+                self.encode_pixels(batch["lr_pixels"], positions, sample, tag=4))
 
     def text(self, batch: dict, drop: Tensor) -> dict[str, Tensor] | None:
         """Context / pooled / mask for the batch (precomputed, or encoded from its captions), rows with ``drop``
@@ -190,37 +201,47 @@ class UpscalerModule(L.LightningModule):
         return cond
 
     def draws(self, positions: Tensor, hr_shape, lr_shape) -> dict[str, Tensor]:
-        """Per-sample random draws from generators seeded by (seed, stream position)."""
-        out: dict[str, list[Tensor]] = {"sigma": [], "sigma_lr": [], "drop": [], "noise": [], "lr_noise": []}
-        for position in positions.tolist():
-            g = torch.Generator().manual_seed(mix_seed(self.seed, position, 2))
-            out["sigma"].append(self.sigma_density(1, generator=g))
-            out["sigma_lr"].append(self.lr_noise_density(1, generator=g))
-            out["drop"].append(torch.rand(1, generator=g) < self.caption_dropout)
-            out["noise"].append(torch.randn(hr_shape, generator=g))
-            out["lr_noise"].append(torch.randn(lr_shape, generator=g))
-        return {k: torch.cat(v) if v[0].ndim == 1 else torch.stack(v) for k, v in out.items()}
+        """The batch's random draws, on the positions' device; row i depends only on (seed, positions[i]).
+
+        One word stream: the uniform pairs of words 0, 1, 2 give σ, σ_lr and the caption drop, the following words
+        the normals ε ‖ ε' (Box–Muller)."""
+        n_hr, n_lr = math.prod(hr_shape), math.prod(lr_shape)
+        words = densities.random_words(mix_seed(self.seed, 2), positions, 3 + (n_hr + n_lr + 1) // 2)
+        u = densities.uniform_pairs(words)
+        noise = densities.box_muller(u[:, 3:]).flatten(1)
+        return {"sigma": self.sigma_density(u[:, 0]), "sigma_lr": self.lr_noise_density(u[:, 1]),
+                "drop": u[:, 2, 0] < self.caption_dropout, "noise": noise[:, :n_hr].reshape(-1, *hr_shape),
+                "lr_noise": noise[:, n_hr:n_hr + n_lr].reshape(-1, *lr_shape)}
 
     # ---- training ---------------------------------------------------------------------------------------------
     def forward_loss(self, batch: dict) -> Tensor:
         """Per-sample training losses [B]."""
-        positions = batch["position"]
-        seeds = [mix_seed(self.seed, p, 3) for p in positions.tolist()]
-        hr, lr = self.latents(batch, seeds, self.encode_sample)
-        d = {k: v.to(self.device) for k, v in self.draws(positions, hr.shape[1:], lr.shape[1:]).items()}
+        positions = batch["position"].to(self.device)
+        hr, lr = self.latents(batch, positions, self.encode_sample)
+        d = self.draws(positions, hr.shape[1:], lr.shape[1:])
         low_res = augment_low_res(lr, d["sigma_lr"], d["lr_noise"])
         cond = self.conditioning(low_res, d["sigma_lr"], self.text(batch, d["drop"]))
         return self.model.loss(hr, d["noise"], d["sigma"], **cond)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.forward_loss(batch).mean()
-        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=len(batch["position"]))
+        # the mean over ranks by all_gather: self.log(sync_dist=True) would add a barrier, i.e. a device sync, per step
+        self.log("train/loss", self.all_gather(loss.detach()).mean(), prog_bar=True,
+                 batch_size=len(batch["position"]))
         return loss
+
+    def on_train_start(self) -> None:
+        self.ema_step = int(self.ema_updates)  # after a checkpoint restore
 
     def optimizer_step(self, *args, **kwargs) -> None:
         super().optimizer_step(*args, **kwargs)
-        ema_update(self.model_ema, self.model, self.current_ema_decay())
+        self.update_ema()
+
+    def update_ema(self) -> None:
+        """θ_ema ← decay(t) θ_ema + (1 - decay(t)) θ for the t-th update, t counted on the host."""
+        ema_update(self.model_ema, self.model, ema_decay(self.ema_step, self.ema_power, max_decay=self.ema_max_decay))
         self.ema_updates += 1
+        self.ema_step += 1
 
     def current_ema_decay(self) -> float:
         return ema_decay(int(self.ema_updates), self.ema_power, max_decay=self.ema_max_decay)
