@@ -1,22 +1,30 @@
 """Evaluation outputs: the per-image CSV (append-only, the resume state), set means, a Markdown table and JSON.
 
 One CSV record per (set, image, row): ``set, image, row, width, height`` and the metric values.
-Set means give every image equal weight.
+Set means give every image equal weight. Set-level metrics (FID, KID) are not per image: they live in the
+summary only, computed from one feature file per image, ``{row: [2048] pool3 features, "HR": ...}``.
 """
 
 import csv
 import json
 import math
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor
 
 from latentup.evaluation.metrics import METRICS
 
 KEYS = ("set", "image", "row", "width", "height")
 FIELDS = (*KEYS, *METRICS)
+SET_METRICS = ("fid", "kid")
 HEADINGS = {"psnr_y": "PSNR-Y (dB)", "psnr_rgb": "PSNR-RGB (dB)", "ssim_y": "SSIM-Y", "ssim_rgb": "SSIM-RGB",
-            "lpips": "LPIPS-alex"}
-DIGITS = {"psnr_y": 2, "psnr_rgb": 2, "ssim_y": 4, "ssim_rgb": 4, "lpips": 4}
+            "lpips": "LPIPS-alex", "fid": "FID", "kid": "KID ×10³"}
+DIGITS = {"psnr_y": 2, "psnr_rgb": 2, "ssim_y": 4, "ssim_rgb": 4, "lpips": 4, "fid": 2, "kid": 2}
+SCALE = {"kid": 1e3}
 
 
 def read_records(path: str | Path) -> list[dict]:
@@ -50,6 +58,23 @@ def append_records(path: str | Path, records: Iterable[dict]) -> None:
         writer.writerows(records)
 
 
+def read_features(path: str | Path) -> dict[str, Tensor]:
+    """One image's cached features ``{row: [2048]}``; a missing or unreadable file holds none."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError):
+        return {}
+
+
+def add_features(path: str | Path, features: Mapping[str, Tensor]) -> None:
+    """Merge ``features`` into an image's feature file, atomically (a temporary file renamed over it)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    merged = {**read_features(path), **{k: v.detach().float().cpu().contiguous() for k, v in features.items()}}
+    save_file(merged, str(path.with_suffix(".tmp")))
+    os.replace(path.with_suffix(".tmp"), path)
+
+
 def summarize(records: Iterable[dict], sets: Sequence[str], rows: Sequence[str]) -> dict:
     """``{set: {"images": n, "rows": {row: {metric: mean}}}}``, rows in the given order (the last record of a
     repeated (set, image, row) wins)."""
@@ -76,12 +101,12 @@ def markdown_table(summary: dict, protocol: str = "") -> str:
     """One Markdown table per set (rows side by side), preceded by the protocol line."""
     lines = [protocol, ""] if protocol else []
     for name, data in summary.items():
-        metrics = [m for m in METRICS if any(m in v for v in data["rows"].values())]
+        metrics = [m for m in (*METRICS, *SET_METRICS) if any(m in v for v in data["rows"].values())]
         lines += [f"### {name} ({data['images']} images)", "",
                   "| row | " + " | ".join(HEADINGS[m] for m in metrics) + " |",
                   "|---|" + "---|" * len(metrics)]
         for row, values in data["rows"].items():
-            cells = [_fmt(values[m], DIGITS[m]) if m in values else "–" for m in metrics]
+            cells = [_fmt(values[m] * SCALE.get(m, 1), DIGITS[m]) if m in values else "–" for m in metrics]
             lines.append(f"| {row} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)

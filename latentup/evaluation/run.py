@@ -4,6 +4,12 @@ Image i of a set (sorted by name) samples the model rows with seed ``seed + i``,
 run is deterministic and a resumed run adds exactly what an uninterrupted one would have. Resuming: records
 already in ``per_image.csv`` (and grids already written) are skipped; ``settings.json`` guards against mixing
 results of different settings in one output folder.
+
+FID / KID (optional): the pool3 features of every row's outputs and of the HR crops are cached per image in
+``features/<set>/<image>.safetensors`` (8 KB per row), written with the image's records, and the set distances
+are computed from the cache at the end. Outputs are not kept (a float32 image takes hundreds of times more), so
+the cache is what makes a resumed run give the distances of an uninterrupted one; a missing feature marks its
+row missing, like a missing record.
 """
 
 import copy
@@ -18,21 +24,44 @@ from tqdm.auto import tqdm
 from latentup.autoencoders import Autoencoder, load_autoencoder
 from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.evaluation.grids import save_grid
+from latentup.evaluation.inception import FIDInceptionV3, load_fid_inception, set_distances
 from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.protocol import BASELINES, check_align, hr_size, list_set_images, load_pair, reconstruct
-from latentup.evaluation.report import append_records, read_records, summarize, write_summary
+from latentup.evaluation.report import (add_features, append_records, read_features, read_records, summarize,
+                                        write_summary)
 
 # A model row: ``upscale_latent(lr_latent, seed=[seed per sample]) -> hr_latent`` (SD-scaled latents).
 ModelRow = Callable[..., torch.Tensor]
 CSV_NAME, SETTINGS_NAME = "per_image.csv", "settings.json"
 
 
-def protocol_line(align: int, border: int, autoencoder: str, lpips: bool) -> str:
+def protocol_line(align: int, border: int, autoencoder: str, lpips: bool, fid: bool = False) -> str:
     return (f"HR: centre crop to multiples of {align} px; LR: PIL bicubic x0.5; autoencoder: {autoencoder}; "
             f"outputs float32, not quantised. PSNR/SSIM in float64 on 0..255 with a {border}-px border crop "
             "(Y = BT.601 16 + 65.481 R + 128.553 G + 24.966 B); SSIM Gaussian 11x11, sigma 1.5; "
             + ("LPIPS v0.1 AlexNet on the full image, [-1, 1]. " if lpips else "LPIPS off. ")
-            + "Means over images, equal weight.")
+            + "Means over images, equal weight."
+            + (" FID / KID: each row's outputs against the set's HR crops, 2048-d pool3 features of the FID "
+               "Inception-v3 (pytorch-fid weights, 299 px bilinear); KID subsets of min(1000, N) images. FID is "
+               "biased upward on fewer than ~2,000 images: compare rows of one table, not published FIDs."
+               if fid else ""))
+
+
+def feature_file(folder: Path, name: str, image: str) -> Path:
+    return folder / "features" / name / f"{image}.safetensors"
+
+
+@torch.no_grad()
+def cache_features(inception: FIDInceptionV3, images: Mapping[str, torch.Tensor], files: Sequence[Path],
+                   cached: Sequence[set[str]]) -> None:
+    """Add to each image's feature file the features of the rows of ``images`` ({row: [B, 3, H, W]}) it lacks;
+    ``cached`` (the rows each file holds) is updated."""
+    features = {row: inception(x) for row, x in images.items() if any(row not in have for have in cached)}
+    for j, (file, have) in enumerate(zip(files, cached)):
+        new = {row: f[j] for row, f in features.items() if row not in have}
+        if new:
+            add_features(file, new)
+            have |= new.keys()
 
 
 def check_settings(folder: Path, settings: dict) -> None:
@@ -80,11 +109,13 @@ def evaluate(
     progress: bool = True,
     settings: dict | None = None,
     autoencoder_name: str = "autoencoder",
+    inception: FIDInceptionV3 | None = None,
 ) -> dict:
-    """Evaluate every row on every image of ``sets`` ({name: folder}); returns the summary (set means).
+    """Evaluate every row on every image of ``sets`` ({name: folder}); returns the summary (set means, and each
+    row's FID / KID against the HR crops when ``inception`` is given).
 
     Writes ``per_image.csv``, ``results.md``, ``summary.json`` and ``grids/<set>/<image>.png`` (first ``grids``
-    images of each set) under ``output_dir``.
+    images of each set) under ``output_dir``, and ``features/<set>/<image>.safetensors`` with ``inception``.
     """
     models = dict(models or {})
     check_loop(align, batch_size, grids, autoencoder.downscale)
@@ -98,20 +129,24 @@ def evaluate(
     torch.manual_seed(seed)
     device = next(autoencoder.parameters()).device
     metrics.to(device)
+    if inception is not None:
+        inception.to(device)
     for name, paths in files.items():
         grid_path = {i: folder / "grids" / name / f"{paths[i].stem}.png" for i in range(min(grids, len(paths)))}
-
-        def missing(i: int, row: str) -> bool:
-            return (name, paths[i].name, row) not in done or (i in grid_path and not grid_path[i].is_file())
-
-        pending = [[i for i in batch if any(missing(i, row) for row in rows)]
+        features = [feature_file(folder, name, p.name) for p in paths] if inception is not None else []
+        cached = [set(read_features(file)) for file in features]
+        missing = {(i, row) for i, path in enumerate(paths) for row in rows
+                   if (name, path.name, row) not in done or (i in grid_path and not grid_path[i].is_file())
+                   or (cached and row not in cached[i])}
+        pending = [[i for i in batch if any((i, row) in missing for row in rows)]
                    for batch in _batches(paths, align, batch_size)]
         bar = tqdm(total=sum(map(len, pending)), desc=name, unit="img", disable=not progress)
         for batch in filter(None, pending):
             pairs = [load_pair(paths[i], align) for i in batch]
             hr, lr = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             seeds = [seed + i for i in batch]
-            run = {row: partial(up, seed=seeds) for row, up in models.items() if any(missing(i, row) for i in batch)}
+            run = {row: partial(up, seed=seeds) for row, up in models.items()
+                   if any((i, row) in missing for i in batch)}
             outputs = reconstruct(autoencoder, hr, lr, run)
             hr = hr.to(device)
             records = []
@@ -123,6 +158,9 @@ def evaluate(
                                         "height": hr.shape[-2], **{k: float(v[j]) for k, v in values.items()}})
             append_records(csv_path, records)
             done |= {(r["set"], r["image"], r["row"]) for r in records}
+            if inception is not None:
+                cache_features(inception, {**outputs, "HR": hr}, [features[i] for i in batch],
+                               [cached[i] for i in batch])
             for j, i in enumerate(batch):
                 if i in grid_path and len(run) == len(models):  # a missing grid marks every row missing
                     save_grid(grid_path[i], lr[j], {row: outputs[row][j] for row in grid_rows}, hr[j], grid_tile)
@@ -131,7 +169,13 @@ def evaluate(
     images = {name: {p.name for p in paths} for name, paths in files.items()}
     records = [r for r in read_records(csv_path) if r["image"] in images.get(r["set"], ())]
     summary = summarize(records, list(files), rows)
-    protocol = protocol_line(align, metrics.border, autoencoder_name, metrics.lpips is not None)
+    if inception is not None:
+        for name, paths in files.items():
+            stored = [read_features(feature_file(folder, name, p.name)) for p in paths]
+            for row, values in summary[name]["rows"].items():
+                values.update(set_distances(torch.stack([s["HR"] for s in stored]),
+                                            torch.stack([s[row] for s in stored]), seed))
+    protocol = protocol_line(align, metrics.border, autoencoder_name, metrics.lpips is not None, inception is not None)
     write_summary(folder, summary, {**(settings or {}), "align": align, "seed": seed, "sets": list(files)}, protocol)
     return summary
 
@@ -179,12 +223,14 @@ def from_config(cfg) -> dict:
 
         Settings(**{k: v for k, v in sampling.items() if v is not None}).validate()
     metrics = ImageMetrics(border=cfg.border, lpips=cfg.lpips, lpips_backbone=cfg.lpips_backbone)
+    inception = load_fid_inception(str(cfg.fid)) if cfg.fid else None
     spec = _autoencoder_spec(cfg.autoencoder)
     autoencoder = instantiate(cfg.autoencoder) if hasattr(cfg.autoencoder, "get") else load_autoencoder(spec)
     autoencoder = autoencoder.to(device, torch.float32).eval()
     models = load_models(cfg.checkpoints, autoencoder, device=device, dtype=cfg.dtype, **sampling)
-    settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "dtype": str(cfg.dtype), **sampling,
+    settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "fid": str(cfg.fid) if cfg.fid else None,
+                "dtype": str(cfg.dtype), **sampling,
                 "checkpoints": {name: str(p) for name, p in zip(models, cfg.checkpoints)}}
     return evaluate(autoencoder, sets, cfg.output_dir, metrics, models, align=cfg.align, batch_size=cfg.batch_size,
                     seed=cfg.seed, grids=cfg.grids, grid_tile=cfg.grid_tile, limit=cfg.limit, progress=cfg.progress,
-                    settings=settings, autoencoder_name=spec)
+                    settings=settings, autoencoder_name=spec, inception=inception)
