@@ -13,7 +13,7 @@ SPEC = SHARED / "spec"
 os.environ.setdefault("LATENTUP_WEIGHTS", str(SHARED / "weights"))
 os.environ.setdefault("LATENTUP_DATA", str(SHARED / "datasets"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS") or 0) or max(1, min(2, os.cpu_count() or 1)))
 
 
 @pytest.fixture(scope="session")
