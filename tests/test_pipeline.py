@@ -79,7 +79,8 @@ def test_api_batch_seeds_are_per_sample(pipeline_dir, reference):
                          generator=[torch.Generator().manual_seed(s) for s in (11, 12)], output_type="latent").images
     assert (ours - expected).abs().max().item() <= 2e-3
     single = upscaler.upscale_latent(latent[1:], prompt=PROMPT, seed=12, steps=4, cfg_scale=0.0)
-    assert (single - ours[1:]).abs().max().item() <= 1e-4
+    # equal up to float rounding, which depends on the batch size (e.g. the Winograd chunks): relative 1e-5
+    assert (single - ours[1:]).abs().max().item() <= 1e-5 * ours.abs().max().item()
 
 
 @pytest.mark.parametrize("size,mode", [((70, 45), "RGB"), ((64, 64), "RGBA"), ((40, 72), "L")])
