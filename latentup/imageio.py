@@ -1,7 +1,5 @@
 """Image and latent files in and out: EXIF orientation, RGBA / greyscale, reflect padding, atomic writes."""
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +8,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from latentup.atomic import write_atomic
 from latentup.errors import InputError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
@@ -89,19 +88,6 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int) -> tuple[torch
     return x.index_select(-1, _reflect_index(w, tw).to(x.device)), (h, w)
 
 
-def _atomic(path: Path, write) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
 def save_image(image: Image.Image, path, quality: int = 95) -> Path:
     """Write an image atomically; the format follows the suffix (JPEG drops alpha)."""
     path = Path(path)
@@ -110,7 +96,7 @@ def save_image(image: Image.Image, path, quality: int = 95) -> Path:
         raise InputError(f"cannot write {path}: unknown image suffix, use .png, .jpg or .webp")
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    return _atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality))
+    return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality))
 
 
 def load_latent(path) -> torch.Tensor:
@@ -133,4 +119,4 @@ def load_latent(path) -> torch.Tensor:
 
 def save_latent(latent: torch.Tensor, path) -> Path:
     """Write ``{"latent": latent}`` atomically."""
-    return _atomic(Path(path), lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, tmp))
+    return write_atomic(Path(path), lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, tmp))

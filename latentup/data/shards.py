@@ -11,40 +11,19 @@ images were fully consumed when it was written. Preparation resumes after the la
 """
 
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from latentup.atomic import write_atomic
 from latentup.errors import ConfigError, InputError
 
 FORMAT = "latentup.pairs/1"
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
 FIELDS = ("hr", "lr", "context", "pooled", "mask")
-
-
-def _atomic(path: Path, write) -> None:
-    """Write via a temporary file in the same folder, then rename over ``path`` (usual permissions, not 0600)."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~umask())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def umask() -> int:
-    """The process umask (read without changing it)."""
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:
@@ -108,18 +87,18 @@ class ShardWriter:
             name = f"shard-{len(m['shards']):06d}.safetensors"
             tensors = {k: torch.stack(v) for k, v in self.buffer.items()}
             metadata = {"keys": json.dumps(self.keys), "captions": json.dumps(self.captions)}
-            _atomic(self.root / name, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+            write_atomic(self.root / name, lambda tmp: save_file(tensors, tmp, metadata=metadata))
             m["shards"].append({"file": name, "count": len(self.keys), "sources_end": sources_end})
             m["count"] += len(self.keys)
         m["sources_done"] = sources_end
         m["skipped"] += self.skipped
         m["complete"] = complete
-        _atomic(self.root / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(m, indent=1)))
+        write_atomic(self.root / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(m, indent=1)))
         self.buffer, self.keys, self.captions, self.skipped = {}, [], [], []
 
     def write_empty_prompt(self, context: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> None:
         tensors = {"context": _store(context), "pooled": _store(pooled), "mask": _store(mask)}
-        _atomic(self.root / EMPTY_PROMPT, lambda tmp: save_file(tensors, tmp))
+        write_atomic(self.root / EMPTY_PROMPT, lambda tmp: save_file(tensors, tmp))
 
 
 class LatentShardDataset(torch.utils.data.Dataset):

@@ -7,8 +7,6 @@ Metadata (strings): ``format`` = ``latentup.upscaler/1``, ``unet_config`` (UNetC
 """
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from latentup.atomic import write_atomic
 from latentup.errors import WeightsMismatchError
 
 FORMAT = "latentup.upscaler/1"
@@ -39,17 +38,7 @@ def save_upscaler(path, unet_state, unet_config: dict, noise_fourier=None, meta:
     if noise_fourier is not None:
         tensors["noise_fourier.weight"] = noise_fourier.detach().cpu().float().contiguous()
     metadata = {"format": FORMAT, "unet_config": json.dumps(unet_config), "meta": json.dumps(meta or {})}
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
 def is_upscaler_file(path) -> bool:
