@@ -17,13 +17,7 @@ from latentup.data.stream import EpochStream, GlobalBatchSampler
 from latentup.errors import ConfigError, InputError
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls when the CPU is shared (100x slower steps seen with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_images(root, sizes=((200, 150), (260, 140), (140, 140), (300, 220), (90, 70)), captions=True):

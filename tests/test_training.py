@@ -33,13 +33,7 @@ TINY_OVERRIDES = ["model.unet.channels=[32,64,64]", "model.unet.depths=[1,1,1]",
                   "data.module.num_workers=0"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: one thread avoids OpenMP stalls when the CPU is shared (100x slower steps seen with two)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class KillAt(L.Callback):
