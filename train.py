@@ -46,7 +46,8 @@ def build_helpers(cfg: DictConfig):
 
 
 def prepare(cfg: DictConfig, autoencoder, text_encoder, force: bool = False) -> dict | None:
-    """Write (or finish) the latent-pair shards described by ``cfg.data.prepare``."""
+    """Write (or finish) the latent-pair shards described by ``cfg.data.prepare``; complete shards in ``data.root``
+    are used as they are (e.g. prepared elsewhere with other settings)."""
     from latentup.data.prepare import PrepareSettings, prepare_pairs
     from latentup.data.shards import read_manifest
 
@@ -106,8 +107,11 @@ def export(cfg: DictConfig, checkpoint: Path) -> dict:
     from latentup.training.export import export_checkpoint
 
     dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
+    recommended = cfg.export.get("recommended")
+    if isinstance(recommended, DictConfig):
+        recommended = OmegaConf.to_container(recommended)
     written = export_checkpoint(checkpoint, Path(cfg.run_dir) / "export", ema=cfg.export.ema,
-                                diffusers=cfg.export.diffusers, dtype=dtype)
+                                diffusers=cfg.export.diffusers, dtype=dtype, recommended=recommended)
     for kind, path in written.items():
         print(f"exported {kind}: {path}")
     return written

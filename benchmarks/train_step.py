@@ -7,8 +7,10 @@ text-conditioned U-Net.
 
     python benchmarks/train_step.py                          # CPU, fp32
     python benchmarks/train_step.py --device cuda --precision bf16 [--checkpointing] [--compile]
+    python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16   # CPU run of default_x2_cpu
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --unet tiny --batch 128 --size 16 --threads 1 --profile
 
+``--unet bundled`` is the architecture of the bundled default model (17.4 M parameters, text-free).
 ``--unet tiny`` (channels 32/32/64, one ResBlock per level, text-free: 0.33 M parameters) keeps the arithmetic small,
 so that on a GPU the step is bound by the host's work (Python, operator dispatch, kernel launches, per-sample
 loops): the floor of a step. ``--profile`` prints where the host time goes (torch.profiler, one timed step): the
@@ -28,6 +30,14 @@ from latentup.training.module import UpscalerModule
 
 TINY = UNetConfig(channels=(32, 32, 64), depths=(1, 1, 1), self_attn=(False, False, True), cross_attn=(False,) * 3,
                   cross_attention_dim=None, head_dim=32, mapping_dim=64, mapping_cond_dim=128)
+
+
+def bundled_config() -> UNetConfig:
+    """The U-Net config stored in the bundled default weights."""
+    from latentup.pipeline import default_weights
+    from latentup.weights.sources import resolve_weights
+
+    return resolve_weights(default_weights()).unet_config
 
 
 def inputs(size: int, batch: int, config: UNetConfig) -> dict:
@@ -54,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 weights")
-    parser.add_argument("--unet", choices=["released", "tiny"], default="released")
+    parser.add_argument("--unet", choices=["released", "bundled", "tiny"], default="released")
     parser.add_argument("--size", type=int, default=48, help="HR latent side")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--steps", type=int, default=5, help="timed steps per run")
@@ -70,7 +80,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    config = TINY if args.unet == "tiny" else UNetConfig()
+    config = {"released": UNetConfig, "tiny": lambda: TINY, "bundled": bundled_config}[args.unet]()
     module = UpscalerModule(config, gradient_checkpointing=args.checkpointing, caption_dropout=0.1,
                             validation={"lpips": False}).to(device)
     if args.compile:

@@ -12,6 +12,7 @@ from pathlib import Path
 import lightning as L
 import pytest
 import torch
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from test_data import make_images
 
@@ -22,7 +23,7 @@ from latentup.diffusion.densities import random_words, standard_normal, uniform_
 from latentup.nn.unet import UNetConfig
 from latentup.training.ema import ema_decay, ema_update
 from latentup.training.export import export_checkpoint
-from latentup.training.module import UpscalerModule
+from latentup.training.module import UpscalerModule, as_unet_config
 from latentup.training.schedules import InverseLR, inverse_lr_factor
 
 REPO = Path(__file__).resolve().parents[1]
@@ -336,6 +337,23 @@ def test_export_loads_in_diffusers_with_equal_outputs(tmp_path):
     assert all(torch.equal(single[f"unet.{k}"], v) for k, v in ours.state_dict().items())
 
 
+def test_export_writes_tuned_sampler_settings(tmp_path):
+    from latentup.errors import ConfigError
+    from latentup.pipeline import Upscaler
+
+    module = UpscalerModule(TINY, meta={"autoencoder": "taesd", "recommended": {"steps": 24, "sampler": "euler"}},
+                            validation={"lpips": False})
+    checkpoint = _checkpoint_of(module, tmp_path / "m.ckpt")
+    written = export_checkpoint(checkpoint, tmp_path / "export", recommended={"sampler": "dpmpp_2m", "steps": 4})
+    settings = Upscaler.from_pretrained(written["single_file"]).settings()
+    assert (settings.sampler, settings.steps, settings.schedule) == ("dpmpp_2m", 4, "log_linear")
+    for bad, message in (({"sampler": "nope"}, "nope"), ({"stepz": 4}, "stepz"), ("dpmpp_2m", "mapping"),
+                         ({"steps": 4.5}, "whole number"), ({"steps": "four"}, "whole number")):
+        with pytest.raises(ConfigError, match=message):
+            export_checkpoint(checkpoint, tmp_path / "bad", recommended=bad)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_exports_run_in_the_pipeline(tmp_path):
     from latentup.pipeline import Upscaler
 
@@ -369,3 +387,27 @@ def test_experiment_configs_compose(experiment):
         assert unet == UNetConfig() and cfg.model.caption_dropout > 0 and cfg.data.prepare.text
         assert math.isclose(cfg.optim.optimizer.lr, 1e-4 if experiment == "sd_x2" else 2e-5)
     assert cfg.trainer.use_distributed_sampler is False
+
+
+@pytest.mark.parametrize("experiment", ["default_x2", "default_x2_cpu"])
+def test_default_model_recipes_build_the_bundled_architecture(experiment, monkeypatch):
+    """The committed recipes of the bundled model compose into its U-Net; the CPU one continues from its weights."""
+    from hydra import compose, initialize_config_dir
+
+    from latentup.pipeline import default_weights
+    from latentup.weights.sources import resolve_weights
+
+    monkeypatch.delenv("LATENTUP_INIT", raising=False)
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("train", overrides=[f"experiment={experiment}"], return_hydra_config=False)
+    bundled = resolve_weights(default_weights())
+    assert as_unet_config(OmegaConf.to_container(cfg.model.unet)) == bundled.unet_config
+    assert cfg.text_encoder is None and cfg.autoencoder.spec == bundled.autoencoder == "taesd"
+    if experiment == "default_x2_cpu":
+        assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "bf16-mixed"
+        assert cfg.model.init_weights == "bundled"
+        module = UpscalerModule(bundled.unet_config, init_weights="bundled", validation={"lpips": False})
+        assert all(torch.equal(v.float(), bundled.unet_state[k].float())
+                   for k, v in module.model_ema.unet.state_dict().items())
+    assert set(cfg.data.module.train) == {"_target_", "_partial_", "root"}  # shard datasets take no crop keys
+    assert cfg.data.prepare.name == f"taesd-256px-x{cfg.data.prepare.settings.crops_per_image}"

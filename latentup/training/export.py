@@ -8,6 +8,7 @@
 """
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 
@@ -61,13 +62,37 @@ def export_diffusers_unet(folder: str | Path, config: UNetConfig, state: dict,
     return folder
 
 
+def check_recommended(recommended) -> None:
+    """One-line errors for sampler settings that ``latentup.pipeline.Settings`` would not accept."""
+    from latentup.pipeline import Settings
+
+    if not isinstance(recommended, Mapping):
+        raise ConfigError(f"export.recommended must be a mapping such as {{sampler: dpmpp_2m, steps: 4}}, "
+                          f"got {recommended!r}")
+    unknown = sorted(set(recommended) - set(Settings.__dataclass_fields__))
+    if unknown:
+        raise ConfigError(f"export.recommended has unknown keys {unknown}: use fields of latentup.pipeline.Settings "
+                          "(steps, sampler, schedule, cfg_scale, noise_level, ...)")
+    steps = recommended.get("steps", 1)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ConfigError(f"export.recommended.steps must be a whole number >= 1, got {steps!r}")
+    Settings(**recommended).validate()
+
+
 def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, ema: bool = True, name: str = "model",
-                      diffusers: bool | None = None, dtype: torch.dtype | None = None) -> dict[str, Path]:
+                      diffusers: bool | None = None, dtype: torch.dtype | None = None,
+                      recommended: dict | None = None) -> dict[str, Path]:
     """Write ``out_dir/<name>.safetensors`` and (when possible, or when ``diffusers`` is True) ``out_dir/unet/``.
 
-    ``diffusers=None`` exports the folder only for configs diffusers can build.
+    ``diffusers=None`` exports the folder only for configs diffusers can build. ``recommended``: sampler settings
+    (``latentup.pipeline.Settings`` fields, e.g. tuned by ``benchmarks/sampler_sweep.py``) that replace the
+    training run's default recommendation in the file's metadata.
     """
+    if recommended is not None:
+        check_recommended(recommended)
     config, state, fourier, meta = read_checkpoint(ckpt_path, ema)
+    if recommended is not None:
+        meta["recommended"] = dict(recommended)
     out_dir = Path(out_dir)
     written = {"single_file": export_single_file(out_dir / f"{name}.safetensors", config, state, fourier, meta, dtype)}
     if diffusers or (diffusers is None and config._diffusers_problem() is None):

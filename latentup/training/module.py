@@ -108,11 +108,13 @@ class UpscalerModule(L.LightningModule):
         return self.model.unet.config
 
     def _load_initial(self, weights: str) -> None:
-        """Start from released / exported weights (any format latentup reads); the configs must agree."""
+        """Start from released / exported weights (any format latentup reads; ``bundled``: the bundled default
+        model); the configs must agree."""
+        from latentup.pipeline import default_weights
         from latentup.weights.sources import resolve_weights
         from latentup.weights.strict import load_strict
 
-        parts = resolve_weights(weights)
+        parts = resolve_weights(default_weights() if weights == "bundled" else weights)
         if parts.unet_config != self.unet_config:
             raise ConfigError(f"init_weights {weights} has U-Net config {parts.unet_config}, the model config says "
                               f"{self.unet_config}: set model.unet to the weights' config")
