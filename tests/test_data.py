@@ -165,6 +165,29 @@ def test_shard_values_match_direct_encoding(images, taesd, tmp_path):
     assert torch.allclose(data[1]["lr"], expected[1], atol=2e-2)
 
 
+def test_dihedral_crops_are_turned_before_the_low_res_is_made(images, taesd, tmp_path):
+    from latentup.data.crops import DIHEDRAL
+    from latentup.data.stream import mix_seed
+
+    prepare_pairs(_settings(images, crops_per_image=6, dihedral=True), tmp_path / "d8", taesd, progress=False)
+    data = LatentShardDataset(tmp_path / "d8")
+    image = Image.open(images / "im2.png").convert("RGB")  # source index 1 in sorted order
+    rng = np.random.default_rng(mix_seed(3, 1))
+    boxes = random_boxes(*image.size, 128, 6, rng)  # the same boxes as without dihedral=True
+    turns = rng.integers(0, 8, size=6)
+    assert len(set(turns.tolist())) > 1
+    for j in range(6):
+        hr, lr = pair(image, boxes[j], DIHEDRAL[turns[j]])
+        plain = pair(image, boxes[j])[0]
+        symmetries = [plain.rot90(k, (1, 2)) for k in range(4)] + [plain.flip(2).rot90(k, (1, 2)) for k in range(4)]
+        matches = [i for i, view in enumerate(symmetries) if torch.equal(hr, view)]
+        assert matches and (0 in matches) == (turns[j] == 0)  # a turned / mirrored view of the crop
+        with torch.no_grad():
+            expected = taesd.encode(hr[None])[0], taesd.encode(lr[None])[0]
+        assert torch.allclose(data[6 + j]["hr"], expected[0], atol=2e-2)  # fp16 storage
+        assert torch.allclose(data[6 + j]["lr"], expected[1], atol=2e-2)
+
+
 def test_stream_is_split_invariant_and_resumable():
     class Numbers:
         def __len__(self):

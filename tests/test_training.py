@@ -410,4 +410,6 @@ def test_default_model_recipes_build_the_bundled_architecture(experiment, monkey
         assert all(torch.equal(v.float(), bundled.unet_state[k].float())
                    for k, v in module.model_ema.unet.state_dict().items())
     assert set(cfg.data.module.train) == {"_target_", "_partial_", "root"}  # shard datasets take no crop keys
-    assert cfg.data.prepare.name == f"taesd-256px-x{cfg.data.prepare.settings.crops_per_image}"
+    settings = cfg.data.prepare.settings
+    assert cfg.data.prepare.name == f"taesd-256px-x{settings.crops_per_image}" + ("-dihedral" if settings.dihedral else "")
+    assert settings.dihedral == (experiment == "default_x2_cpu")

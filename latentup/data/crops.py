@@ -14,6 +14,10 @@ from PIL import Image
 from latentup.errors import ConfigError
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
+# the 8 symmetries of the square (identity first), for augmenting crops before the LR is made from them
+DIHEDRAL = (None, Image.Transpose.ROTATE_90, Image.Transpose.ROTATE_180, Image.Transpose.ROTATE_270,
+            Image.Transpose.FLIP_LEFT_RIGHT, Image.Transpose.FLIP_TOP_BOTTOM, Image.Transpose.TRANSPOSE,
+            Image.Transpose.TRANSVERSE)
 
 
 def check_crop(crop: int, align: int = 64) -> int:
@@ -63,7 +67,10 @@ def to_tensor01(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
 
 
-def pair(image: Image.Image, box: Box) -> tuple[torch.Tensor, torch.Tensor]:
-    """(HR [3, S, S], LR [3, S/2, S/2]) float tensors in [0, 1] for one box of an RGB image."""
+def pair(image: Image.Image, box: Box, transpose: Image.Transpose | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HR [3, S, S], LR [3, S/2, S/2]) float tensors in [0, 1] for one box of an RGB image; ``transpose`` (one of
+    ``DIHEDRAL``) turns or mirrors the HR crop first, so the LR is exactly the protocol's LR of what the model sees."""
     hr = image.crop(box)
+    if transpose is not None:
+        hr = hr.transpose(transpose)
     return to_tensor01(hr), to_tensor01(downscale_x2(hr))

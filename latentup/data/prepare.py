@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from latentup.data.crops import check_crop, grid_boxes, limit_side, pair, random_boxes
+from latentup.data.crops import DIHEDRAL, check_crop, grid_boxes, limit_side, pair, random_boxes
 from latentup.data.shards import ShardWriter
 from latentup.data.sources import open_source
 from latentup.data.stream import mix_seed
@@ -38,6 +38,7 @@ class PrepareSettings:
     crops_per_image: int = 4  # random mode
     stride: int | None = None  # grid mode; default = crop (no overlap)
     max_side: int | None = None  # downscale larger sources first (None: native resolution)
+    dihedral: bool = False  # turn / mirror each crop by one of the 8 symmetries of the square (seeded)
     seed: int = 0
     sample: bool = True  # posterior sample (KL VAE) rather than the mean
     clip_skip: int = 1
@@ -62,12 +63,13 @@ class _Crops(Dataset):
         s, index = self.s, self.start + i
         src = self.source[index]
         image = limit_side(src.image, s.max_side)
+        rng = np.random.default_rng(mix_seed(s.seed, index))
         if s.mode == "grid":
             boxes = grid_boxes(image.width, image.height, s.crop, s.stride)
         else:
-            boxes = random_boxes(image.width, image.height, s.crop, s.crops_per_image,
-                                 np.random.default_rng(mix_seed(s.seed, index)))
-        pairs = [pair(image, box) for box in boxes]
+            boxes = random_boxes(image.width, image.height, s.crop, s.crops_per_image, rng)
+        turns = rng.integers(0, len(DIHEDRAL), size=len(boxes)) if s.dihedral else [0] * len(boxes)
+        pairs = [pair(image, box, DIHEDRAL[k]) for box, k in zip(boxes, turns)]
         if not pairs:
             return src.key, src.caption, None, None
         return src.key, src.caption, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
