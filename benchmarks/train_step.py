@@ -8,13 +8,15 @@ text-conditioned U-Net.
     python benchmarks/train_step.py                          # CPU, fp32
     python benchmarks/train_step.py --device cuda --precision bf16 [--checkpointing] [--compile]
     python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16   # CPU run of default_x2_cpu
+    python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16 --decoder-loss 4  # + L_dec
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --unet tiny --batch 128 --size 16 --threads 1 --profile
 
 ``--unet bundled`` is the architecture of the bundled default model (17.4 M parameters, text-free).
 ``--unet tiny`` (channels 32/32/64, one ResBlock per level, text-free: 0.33 M parameters) keeps the arithmetic small,
 so that on a GPU the step is bound by the host's work (Python, operator dispatch, kernel launches, per-sample
 loops): the floor of a step. ``--profile`` prints where the host time goes (torch.profiler, one timed step): the
-stages, then the top operators. Reported times are medians over ``--repeats`` runs of ``--steps`` steps.
+stages, then the top operators. ``--decoder-loss K`` adds the decoder-space loss (TAESD, ``--decoder-window``
+latent px) on one sample in K. Reported times are medians over ``--repeats`` runs of ``--steps`` steps.
 """
 
 import argparse
@@ -74,6 +76,8 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown of one step")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--decoder-loss", type=int, default=0, metavar="K", help="L_dec on one sample in K (0: off)")
+    parser.add_argument("--decoder-window", type=int, default=16, help="L_dec window side in latent px")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -81,8 +85,15 @@ def main() -> None:
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     config = {"released": UNetConfig, "tiny": lambda: TINY, "bundled": bundled_config}[args.unet]()
+    decoder_loss, autoencoder = None, None
+    if args.decoder_loss:
+        from latentup.autoencoders import load_autoencoder
+
+        decoder_loss = {"every": args.decoder_loss, "window": args.decoder_window}
+        autoencoder = load_autoencoder("taesd")
     module = UpscalerModule(config, gradient_checkpointing=args.checkpointing, caption_dropout=0.1,
-                            validation={"lpips": False}).to(device)
+                            validation={"lpips": False}, autoencoder=autoencoder, decoder_loss=decoder_loss).to(device)
+    module._helpers_to_device()
     if args.compile:
         module.model.unet = torch.compile(module.model.unet)
     if config.cross_attention_dim is not None:
@@ -132,6 +143,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {"device": name, "unet": args.unet, "precision": args.precision, "latent": args.size,
               "batch": args.batch, "checkpointing": args.checkpointing, "compile": args.compile,
+              "decoder_loss_every": args.decoder_loss, "decoder_window": args.decoder_window,
               "steps_per_sec": 1 / per_step, "ms_per_step": 1e3 * per_step,
               "ms_per_step_runs": [round(1e3 * s, 2) for s in seconds],
               "samples_per_sec": args.batch / per_step, "last_loss": float(loss),

@@ -156,6 +156,8 @@ def test_loss_is_denoiser_with_variance():
     target = (x0 - c_skip * noised) / c_out
     mse = ((0.3 - target) ** 2).mean((1, 2, 3))
     torch.testing.assert_close(loss, 0.5 * (mse * math.exp(-0.2) + 0.2))
+    _, denoised = denoiser.loss_and_denoised(x0, noise, sigma, image_cond=torch.zeros(3, 4, 4, 4))
+    torch.testing.assert_close(denoised, denoiser(noised, sigma, image_cond=torch.zeros(3, 4, 4, 4)))
 
 
 def test_noise_level_embedding():

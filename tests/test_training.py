@@ -413,3 +413,4 @@ def test_default_model_recipes_build_the_bundled_architecture(experiment, monkey
     settings = cfg.data.prepare.settings
     assert cfg.data.prepare.name == f"taesd-256px-x{settings.crops_per_image}" + ("-dihedral" if settings.dihedral else "")
     assert settings.dihedral == (experiment == "default_x2_cpu")
+    assert (cfg.model.decoder_loss is not None) == (experiment == "default_x2_cpu")

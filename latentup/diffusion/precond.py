@@ -57,6 +57,11 @@ class KarrasDenoiser(nn.Module):
 
     def loss(self, x0, noise, sigma, image_cond, mapping_cond=None, context=None, context_mask=None) -> torch.Tensor:
         """Per-sample DenoiserWithVariance loss [B] (plain EDM-weighted MSE when F has no variance channel)."""
+        return self.loss_and_denoised(x0, noise, sigma, image_cond, mapping_cond, context, context_mask)[0]
+
+    def loss_and_denoised(self, x0, noise, sigma, image_cond, mapping_cond=None, context=None,
+                          context_mask=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(per-sample loss [B], D(x0 + sigma n; sigma)) from one U-Net call."""
         s = _per_sample(sigma, x0)
         noised = x0 + noise * s
         out = self.network(noised, sigma, image_cond, mapping_cond, context, context_mask).float()
@@ -64,7 +69,8 @@ class KarrasDenoiser(nn.Module):
         target = (x0 - c_skip * noised) / c_out
         channels = x0.shape[1]
         mse = (out[:, :channels] - target).pow(2).flatten(1).mean(1)
+        denoised = c_skip * noised + c_out * out[:, :channels]
         if out.shape[1] == channels:
-            return mse
+            return mse, denoised
         logvar = out[:, channels:].flatten(1).mean(1)
-        return 0.5 * (mse * torch.exp(-logvar) + logvar)
+        return 0.5 * (mse * torch.exp(-logvar) + logvar), denoised

@@ -7,11 +7,12 @@ over ranks, and a resumed run repeats the same draws):
     σ_i ~ sigma_density (lognormal(-0.5, 1.2)),   σ_lr,i ~ lr_noise_density (0 w.p. ½, else U(0, 0.6))
     z_lr ← z_lr + σ_lr ε',   (image_cond, noise_embed) = low_res_conditioning(z_lr, σ_lr, W_lr)
     mapping_cond = [noise_embed ‖ pooled text],   caption → "" with probability ``caption_dropout``
-    L = mean_i DenoiserWithVariance(z_hr, ε, σ_i | image_cond, mapping_cond, context)
+    L = mean_i [DenoiserWithVariance(z_hr, ε, σ_i | image_cond, mapping_cond, context) + L_dec,i]
 
+with the optional decoder-space term L_dec (``decoder_loss``, latentup.training.decoder_loss; 0 without).
 Word streams (key = mix_seed(seed, tag)): tag 2 → σ, σ_lr, caption drop, ε ‖ ε' (``draws``); 3 / 4 → the
-autoencoder's posterior noise of the HR / LR pixels (on-the-fly encoding). The module reads no value back from the
-device during a step (no host-device synchronisation), so the host can run ahead of the GPU.
+autoencoder's posterior noise of the HR / LR pixels (on-the-fly encoding); 5 → L_dec's windows. The module reads
+no value back from the device during a step (no host-device synchronisation), so the host can run ahead of the GPU.
 
 The EMA copy (``model_ema``) is updated after every optimizer step and is what validation samples with and
 what gets exported. The autoencoder and the text encoder are frozen helpers kept out of the checkpoint.
@@ -33,6 +34,7 @@ from latentup.diffusion.conditioning import augment_low_res, low_res_conditionin
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.errors import ConfigError
 from latentup.nn.unet import UNet, UNetConfig
+from latentup.training.decoder_loss import DecoderLoss
 from latentup.training.ema import ema_decay, ema_update
 from latentup.training.validation import Validator
 
@@ -69,6 +71,7 @@ class UpscalerModule(L.LightningModule):
         ema_power: float = 2 / 3,
         ema_max_decay: float = 0.9999,
         gradient_checkpointing: bool = False,
+        decoder_loss: dict | None = None,
         init_weights: str | None = None,
         seed: int = 0,
         validation: dict | None = None,
@@ -97,6 +100,9 @@ class UpscalerModule(L.LightningModule):
         self.caption_dropout, self.clip_skip, self.use_context_mask = caption_dropout, clip_skip, use_context_mask
         self.encode_sample, self.seed = encode_sample, seed
         self.ema_power, self.ema_max_decay = ema_power, ema_max_decay
+        self.decoder_loss = DecoderLoss(**decoder_loss) if decoder_loss else None
+        if self.decoder_loss and autoencoder is None:
+            raise ConfigError("decoder_loss needs an autoencoder to decode with: set autoencoder=taesd (or sd_vae)")
         self.meta = dict(meta or {})
         self.validator = Validator(**(validation or {}))
         self.empty_prompt: dict[str, Tensor] | None = None
@@ -127,6 +133,8 @@ class UpscalerModule(L.LightningModule):
         for helper in (self.autoencoder, self.text_encoder):
             if helper is not None:
                 helper.to(self.device)
+        if self.decoder_loss is not None:  # NHWC convolutions: L_dec 2.3x faster on CPU
+            self.autoencoder.to(memory_format=torch.channels_last)
 
     def on_fit_start(self) -> None:
         self._helpers_to_device()
@@ -223,7 +231,11 @@ class UpscalerModule(L.LightningModule):
         d = self.draws(positions, hr.shape[1:], lr.shape[1:])
         low_res = augment_low_res(lr, d["sigma_lr"], d["lr_noise"])
         cond = self.conditioning(low_res, d["sigma_lr"], self.text(batch, d["drop"]))
-        return self.model.loss(hr, d["noise"], d["sigma"], **cond)
+        if self.decoder_loss is None:
+            return self.model.loss(hr, d["noise"], d["sigma"], **cond)
+        loss, denoised = self.model.loss_and_denoised(hr, d["noise"], d["sigma"], **cond)
+        corners = densities.uniform_pairs(densities.random_words(mix_seed(self.seed, 5), positions, 1))[:, 0]
+        return loss + self.decoder_loss(self.autoencoder.decode, denoised, hr, positions, corners)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.forward_loss(batch).mean()

@@ -1,0 +1,55 @@
+"""Decoder-space loss: the denoiser's x0 judged by the image the autoencoder decodes from it.
+
+The denoising loss alone makes D(x; σ) the latent posterior mean. At high σ that is a blurred latent, and a
+nonlinear decoder (TAESD's) turns it into a worse image than the bicubic of the decoded low-res input, although its
+latent error is far smaller (docs/training.md). This term scores the decoded image instead, on a window of
+``window`` × ``window`` latent px of one sample in ``every`` (those whose stream position p_i ≡ 0 mod ``every``:
+decoding is the costly part, and the choice does not depend on how a batch is split over ranks):
+
+    L_dec,i = weight · mean_CHW (dec(D_i[W_i]) − dec(z_hr,i[W_i]))²    (images in [0, 1]; 0 for the others)
+
+with the window W_i placed by two uniforms of sample i (its own random stream).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from latentup.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DecoderLoss:
+    weight: float = 100.0
+    window: int = 16   # latent px (8 image px each)
+    every: int = 4     # score the samples at stream positions 0, every, 2·every, ...
+
+    def __post_init__(self):
+        for name in ("weight", "window", "every"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"decoder_loss.{name} must be > 0, got {getattr(self, name)}")
+
+    def __call__(self, decode: Callable[[Tensor], Tensor], denoised: Tensor, target: Tensor, positions: Tensor,
+                 u: Tensor) -> Tensor:
+        """Per-sample loss [B] of ``denoised`` against ``target`` latents [B, C, H, W] at stream ``positions`` [B],
+        ``u`` [B, 2] uniforms. Scores max(1, ⌊B / every⌋) samples, those at positions ≡ 0 mod ``every`` first: all
+        of them for consecutive positions and B a multiple of ``every`` (chosen on the device, without a sync)."""
+        k = max(1, len(denoised) // self.every)
+        chosen = torch.argsort((positions % self.every != 0).int(), stable=True)[:k]
+        sides = [min(self.window, n) for n in denoised.shape[-2:]]
+        slack = torch.tensor([n - side + 1 for n, side in zip(denoised.shape[-2:], sides)], device=u.device)
+        corner = (u[chosen] * slack).long()              # [k, 2] top-left corners
+        rows = (corner[:, 0, None] + torch.arange(sides[0], device=u.device))[:, None, :, None]
+        cols = (corner[:, 1, None] + torch.arange(sides[1], device=u.device))[:, None, None, :]
+        channel = torch.arange(denoised.shape[1], device=u.device)[None, :, None, None]
+
+        def windows(latent: Tensor) -> Tensor:
+            picked = latent[chosen[:, None, None, None], channel, rows, cols]
+            return picked.contiguous(memory_format=torch.channels_last)
+
+        with torch.no_grad():
+            reference = decode(windows(target)).float()
+        error = (decode(windows(denoised)).float() - reference).pow(2).flatten(1).mean(1)
+        return torch.zeros(len(denoised), device=error.device).index_put((chosen,), self.weight * error)
