@@ -22,6 +22,8 @@ from latentup.errors import ConfigError
 
 @dataclass(frozen=True)
 class DecoderLoss:
+    """L_dec above; ``__call__`` returns it per sample."""
+
     weight: float = 100.0
     window: int = 16   # latent px (8 image px each)
     every: int = 4     # score the samples at stream positions 0, every, 2·every, ...
