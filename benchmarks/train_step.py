@@ -9,6 +9,7 @@ text-conditioned U-Net.
     python benchmarks/train_step.py --device cuda --precision bf16 [--checkpointing] [--compile]
     python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16   # CPU run of default_x2_cpu
     python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16 --decoder-loss 4  # + L_dec
+    ... --decoder-loss 4 --perceptual 1   # + L_dec with its LPIPS term
     OMP_NUM_THREADS=1 python benchmarks/train_step.py --unet tiny --batch 128 --size 16 --threads 1 --profile
 
 ``--unet bundled`` is the architecture of the bundled default model (17.4 M parameters, text-free).
@@ -16,7 +17,8 @@ text-conditioned U-Net.
 so that on a GPU the step is bound by the host's work (Python, operator dispatch, kernel launches, per-sample
 loops): the floor of a step. ``--profile`` prints where the host time goes (torch.profiler, one timed step): the
 stages, then the top operators. ``--decoder-loss K`` adds the decoder-space loss (TAESD, ``--decoder-window``
-latent px) on one sample in K. Reported times are medians over ``--repeats`` runs of ``--steps`` steps.
+latent px) on one sample in K, ``--perceptual W`` its LPIPS term. Reported times are medians over ``--repeats``
+runs of ``--steps`` steps.
 """
 
 import argparse
@@ -78,6 +80,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--decoder-loss", type=int, default=0, metavar="K", help="L_dec on one sample in K (0: off)")
     parser.add_argument("--decoder-window", type=int, default=16, help="L_dec window side in latent px")
+    parser.add_argument("--perceptual", type=float, default=0.0, help="weight of L_dec's LPIPS term (0: off)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -89,7 +92,7 @@ def main() -> None:
     if args.decoder_loss:
         from latentup.autoencoders import load_autoencoder
 
-        decoder_loss = {"every": args.decoder_loss, "window": args.decoder_window}
+        decoder_loss = {"every": args.decoder_loss, "window": args.decoder_window, "perceptual": args.perceptual}
         autoencoder = load_autoencoder("taesd")
     module = UpscalerModule(config, gradient_checkpointing=args.checkpointing, caption_dropout=0.1,
                             validation={"lpips": False}, autoencoder=autoencoder, decoder_loss=decoder_loss).to(device)
@@ -144,6 +147,7 @@ def main() -> None:
     result = {"device": name, "unet": args.unet, "precision": args.precision, "latent": args.size,
               "batch": args.batch, "checkpointing": args.checkpointing, "compile": args.compile,
               "decoder_loss_every": args.decoder_loss, "decoder_window": args.decoder_window,
+              "perceptual": args.perceptual,
               "steps_per_sec": 1 / per_step, "ms_per_step": 1e3 * per_step,
               "ms_per_step_runs": [round(1e3 * s, 2) for s in seconds],
               "samples_per_sec": args.batch / per_step, "last_loss": float(loss),

@@ -51,10 +51,33 @@ def test_a_window_larger_than_the_latent_takes_it_whole():
     torch.testing.assert_close(loss, torch.ones(2))
 
 
+def test_the_perceptual_term_adds_its_weighted_distance_to_the_chosen_samples():
+    """perceptual · distance(dec(D[W]), dec(z_hr[W])) is added to the scored samples only, with gradients."""
+    torch.manual_seed(0)
+    denoised, target = torch.randn(4, 4, 6, 6, requires_grad=True), torch.randn(4, 4, 6, 6)
+    positions, u = torch.arange(4), torch.rand(4, 2)
+
+    def distance(image, reference):  # a stand-in for LPIPS: mean absolute difference per image
+        return (image - reference).abs().flatten(1).mean(1)
+
+    plain = DecoderLoss(weight=2.0, window=4, every=2)(torch.tanh, denoised, target, positions, u)
+    both = DecoderLoss(weight=2.0, window=4, every=2, perceptual=0.5)(torch.tanh, denoised, target, positions, u,
+                                                                       distance)
+    added = both - plain
+    assert added[0] > 0 and added[2] > 0 and added[1] == added[3] == 0
+    halves = DecoderLoss(weight=2.0, window=4, every=2, perceptual=0.25)(torch.tanh, denoised, target, positions, u,
+                                                                        distance)
+    torch.testing.assert_close(added, 2 * (halves - plain))
+    added.sum().backward()
+    assert denoised.grad.abs().sum() > 0
+
+
 @pytest.mark.parametrize("field", ["weight", "window", "every"])
 def test_bad_settings_are_config_errors(field):
     with pytest.raises(ConfigError, match=f"decoder_loss.{field} must be > 0"):
         DecoderLoss(**{field: 0})
+    with pytest.raises(ConfigError, match="decoder_loss.perceptual must be >= 0"):
+        DecoderLoss(perceptual=-1.0)
 
 
 def test_training_loss_adds_the_weighted_decoder_term_to_the_chosen_samples():
@@ -74,3 +97,20 @@ def test_training_loss_adds_the_weighted_decoder_term_to_the_chosen_samples():
     torch.testing.assert_close(twice, 2 * once)
     with pytest.raises(ConfigError, match="decoder_loss needs an autoencoder"):
         UpscalerModule(TINY, decoder_loss={"weight": 1.0})
+
+
+def test_the_perceptual_term_is_lpips_of_the_decoded_windows():
+    """With ``perceptual`` the module adds LPIPS-alex (the evaluation's metric) of the decoded windows; it scores
+    identical images 0 and differs for different ones."""
+    from latentup.autoencoders import load_autoencoder
+    from latentup.evaluation.metrics import build_lpips
+
+    taesd = load_autoencoder("taesd").eval()
+    module = UpscalerModule(TINY, autoencoder=taesd, validation={"lpips": False},
+                            decoder_loss={"weight": 1.0, "window": 8, "every": 1, "perceptual": 1.0})
+    torch.manual_seed(0)
+    a, b = torch.rand(2, 3, 64, 64), torch.rand(2, 3, 64, 64)
+    metric = build_lpips()
+    torch.testing.assert_close(module.lpips_distance(a, b), metric(a, b).reshape(-1).float())
+    assert module.lpips_distance(a, a).abs().max() < 1e-6
+    assert "lpips" not in dict(module.named_modules()) and not any("lpips" in k for k in module.state_dict())

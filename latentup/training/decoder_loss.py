@@ -7,6 +7,7 @@ latent error is far smaller (docs/training.md). This term scores the decoded ima
 decoding is the costly part, and the choice does not depend on how a batch is split over ranks):
 
     L_dec,i = weight · mean_CHW (dec(D_i[W_i]) − dec(z_hr,i[W_i]))²    (images in [0, 1]; 0 for the others)
+              + perceptual · LPIPS(dec(D_i[W_i]), dec(z_hr,i[W_i]))   (optional: a sharp x0 instead of a blurred one)
 
 with the window W_i placed by two uniforms of sample i (its own random stream).
 """
@@ -27,17 +28,21 @@ class DecoderLoss:
     weight: float = 100.0
     window: int = 16   # latent px (8 image px each)
     every: int = 4     # score the samples at stream positions 0, every, 2·every, ...
+    perceptual: float = 0.0  # weight of the LPIPS term (0: none)
 
     def __post_init__(self):
         for name in ("weight", "window", "every"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"decoder_loss.{name} must be > 0, got {getattr(self, name)}")
+        if not self.perceptual >= 0:
+            raise ConfigError(f"decoder_loss.perceptual must be >= 0, got {self.perceptual}")
 
     def __call__(self, decode: Callable[[Tensor], Tensor], denoised: Tensor, target: Tensor, positions: Tensor,
-                 u: Tensor) -> Tensor:
+                 u: Tensor, distance: Callable[[Tensor, Tensor], Tensor] | None = None) -> Tensor:
         """Per-sample loss [B] of ``denoised`` against ``target`` latents [B, C, H, W] at stream ``positions`` [B],
         ``u`` [B, 2] uniforms. Scores max(1, ⌊B / every⌋) samples, those at positions ≡ 0 mod ``every`` first: all
-        of them for consecutive positions and B a multiple of ``every`` (chosen on the device, without a sync)."""
+        of them for consecutive positions and B a multiple of ``every`` (chosen on the device, without a sync).
+        ``distance`` (two image batches in [0, 1] → [k]; LPIPS) is needed when ``perceptual`` > 0."""
         k = max(1, len(denoised) // self.every)
         chosen = torch.argsort((positions % self.every != 0).int(), stable=True)[:k]
         sides = [min(self.window, n) for n in denoised.shape[-2:]]
@@ -53,5 +58,8 @@ class DecoderLoss:
 
         with torch.no_grad():
             reference = decode(windows(target)).float()
-        error = (decode(windows(denoised)).float() - reference).pow(2).flatten(1).mean(1)
-        return torch.zeros(len(denoised), device=error.device).index_put((chosen,), self.weight * error)
+        image = decode(windows(denoised)).float()
+        error = self.weight * (image - reference).pow(2).flatten(1).mean(1)
+        if self.perceptual:
+            error = error + self.perceptual * distance(image, reference).reshape(-1)
+        return torch.zeros(len(denoised), device=error.device).index_put((chosen,), error)

@@ -15,7 +15,8 @@ autoencoder's posterior noise of the HR / LR pixels (on-the-fly encoding); 5 →
 no value back from the device during a step (no host-device synchronisation), so the host can run ahead of the GPU.
 
 The EMA copy (``model_ema``) is updated after every optimizer step and is what validation samples with and
-what gets exported. The autoencoder and the text encoder are frozen helpers kept out of the checkpoint.
+what gets exported. The autoencoder, the text encoder and L_dec's LPIPS network are frozen helpers kept out of the
+checkpoint.
 """
 
 import copy
@@ -33,6 +34,7 @@ from latentup.diffusion import densities
 from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.errors import ConfigError
+from latentup.evaluation.metrics import build_lpips
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.training.decoder_loss import DecoderLoss
 from latentup.training.ema import ema_decay, ema_update
@@ -103,6 +105,8 @@ class UpscalerModule(L.LightningModule):
         self.decoder_loss = DecoderLoss(**decoder_loss) if decoder_loss else None
         if self.decoder_loss and autoencoder is None:
             raise ConfigError("decoder_loss needs an autoencoder to decode with: set autoencoder=taesd (or sd_vae)")
+        perceptual = self.decoder_loss is not None and self.decoder_loss.perceptual > 0
+        object.__setattr__(self, "lpips", build_lpips().net.requires_grad_(False) if perceptual else None)
         self.meta = dict(meta or {})
         self.validator = Validator(**(validation or {}))
         self.empty_prompt: dict[str, Tensor] | None = None
@@ -130,7 +134,7 @@ class UpscalerModule(L.LightningModule):
 
     # ---- frozen helpers -------------------------------------------------------------------------------------
     def _helpers_to_device(self) -> None:
-        for helper in (self.autoencoder, self.text_encoder):
+        for helper in (self.autoencoder, self.text_encoder, self.lpips):
             if helper is not None:
                 helper.to(self.device)
         if self.decoder_loss is not None:  # NHWC convolutions: L_dec 2.3x faster on CPU
@@ -235,7 +239,11 @@ class UpscalerModule(L.LightningModule):
             return self.model.loss(hr, d["noise"], d["sigma"], **cond)
         loss, denoised = self.model.loss_and_denoised(hr, d["noise"], d["sigma"], **cond)
         corners = densities.uniform_pairs(densities.random_words(mix_seed(self.seed, 5), positions, 1))[:, 0]
-        return loss + self.decoder_loss(self.autoencoder.decode, denoised, hr, positions, corners)
+        return loss + self.decoder_loss(self.autoencoder.decode, denoised, hr, positions, corners, self.lpips_distance)
+
+    def lpips_distance(self, image: Tensor, reference: Tensor) -> Tensor:
+        """LPIPS-alex per image pair [k], images in [0, 1] (differentiable in ``image``)."""
+        return self.lpips(image, reference, normalize=True).reshape(-1)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         loss = self.forward_loss(batch).mean()
