@@ -76,6 +76,9 @@ def test_the_perceptual_term_adds_its_weighted_distance_to_the_chosen_samples():
 def test_bad_settings_are_config_errors(field):
     with pytest.raises(ConfigError, match=f"decoder_loss.{field} must be > 0"):
         DecoderLoss(**{field: 0})
+
+
+def test_a_negative_perceptual_weight_is_a_config_error():
     with pytest.raises(ConfigError, match="decoder_loss.perceptual must be >= 0"):
         DecoderLoss(perceptual=-1.0)
 

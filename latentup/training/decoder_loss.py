@@ -61,5 +61,5 @@ class DecoderLoss:
         image = decode(windows(denoised)).float()
         error = self.weight * (image - reference).pow(2).flatten(1).mean(1)
         if self.perceptual:
-            error = error + self.perceptual * distance(image, reference).reshape(-1)
+            error = error + self.perceptual * distance(image, reference)
         return torch.zeros(len(denoised), device=error.device).index_put((chosen,), error)
