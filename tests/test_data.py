@@ -106,7 +106,7 @@ def test_prepare_writes_encoded_pairs(images, taesd, tmp_path):
     data = LatentShardDataset(tmp_path / "pairs")
     item = data[5]  # second shard, second sample: crop 1 of sub/im1.png
     assert item["hr"].shape == (4, 16, 16) and item["lr"].shape == (4, 8, 8) and item["caption"] == "pattern number 1"
-    assert item["hr"].dtype == torch.float32 and len(data) == 8
+    assert item["hr"].dtype == torch.float32 and len(data) == 8 and "hr_pixels" not in item
 
 
 def test_prepare_resumes_to_identical_shards(images, taesd, tmp_path, monkeypatch):
@@ -165,11 +165,12 @@ def test_shard_values_match_direct_encoding(images, taesd, tmp_path):
     assert torch.allclose(data[1]["lr"], expected[1], atol=2e-2)
 
 
-def test_dihedral_crops_are_turned_before_the_low_res_is_made(images, taesd, tmp_path):
+def test_dihedral_crops_are_turned_before_the_low_res_is_made_and_stored_with_pixels(images, taesd, tmp_path):
     from latentup.data.crops import DIHEDRAL
     from latentup.data.stream import mix_seed
 
-    prepare_pairs(_settings(images, crops_per_image=6, dihedral=True), tmp_path / "d8", taesd, progress=False)
+    prepare_pairs(_settings(images, crops_per_image=6, dihedral=True, pixels=True), tmp_path / "d8", taesd,
+                  progress=False)
     data = LatentShardDataset(tmp_path / "d8")
     image = Image.open(images / "im2.png").convert("RGB")  # source index 1 in sorted order
     rng = np.random.default_rng(mix_seed(3, 1))
@@ -182,6 +183,7 @@ def test_dihedral_crops_are_turned_before_the_low_res_is_made(images, taesd, tmp
         symmetries = [plain.rot90(k, (1, 2)) for k in range(4)] + [plain.flip(2).rot90(k, (1, 2)) for k in range(4)]
         matches = [i for i, view in enumerate(symmetries) if torch.equal(hr, view)]
         assert matches and (0 in matches) == (turns[j] == 0)  # a turned / mirrored view of the crop
+        assert torch.equal(data[6 + j]["hr_pixels"], (hr * 255).round().to(torch.uint8))  # what was encoded
         with torch.no_grad():
             expected = taesd.encode(hr[None])[0], taesd.encode(lr[None])[0]
         assert torch.allclose(data[6 + j]["hr"], expected[0], atol=2e-2)  # fp16 storage

@@ -72,6 +72,28 @@ def test_the_perceptual_term_adds_its_weighted_distance_to_the_chosen_samples():
     assert denoised.grad.abs().sum() > 0
 
 
+def test_the_pixels_reference_is_the_hr_image_under_the_window():
+    """reference=pixels scores dec(D[W]) against the HR pixels under W (f·W for an f× decoder), uint8 or float, and
+    needs them."""
+    torch.manual_seed(0)
+    denoised = torch.randn(2, 4, 5, 6)
+    hr = torch.randint(0, 256, (2, 4, 10, 12), dtype=torch.uint8)  # f = 2 "images" of 4 channels
+    u = torch.tensor([[0.999, 0.0], [0.0, 0.999]])
+
+    def decode(z):
+        return z.repeat_interleave(2, -2).repeat_interleave(2, -1)
+
+    loss = DecoderLoss(weight=3.0, window=2, every=1, reference="pixels")
+    got = loss(decode, denoised, None, torch.arange(2), u, pixels=hr)
+    windows = [(slice(3, 5), slice(0, 2)), (slice(0, 2), slice(4, 6))]  # latent px; ×2 in the image
+    for i, (rows, cols) in enumerate(windows):
+        reference = hr[i, :, 2 * rows.start:2 * rows.stop, 2 * cols.start:2 * cols.stop].float() / 255
+        torch.testing.assert_close(got[i], 3.0 * (decode(denoised[i, :, rows, cols]) - reference).pow(2).mean())
+    torch.testing.assert_close(loss(decode, denoised, None, torch.arange(2), u, pixels=hr.float() / 255), got)
+    with pytest.raises(ConfigError, match="data.prepare.settings.pixels=true"):
+        loss(decode, denoised, None, torch.arange(2), u)
+
+
 @pytest.mark.parametrize("field", ["weight", "window", "every"])
 def test_bad_settings_are_config_errors(field):
     with pytest.raises(ConfigError, match=f"decoder_loss.{field} must be > 0"):
@@ -81,6 +103,11 @@ def test_bad_settings_are_config_errors(field):
 def test_a_negative_perceptual_weight_is_a_config_error():
     with pytest.raises(ConfigError, match="decoder_loss.perceptual must be >= 0"):
         DecoderLoss(perceptual=-1.0)
+
+
+def test_an_unknown_reference_is_a_config_error():
+    with pytest.raises(ConfigError, match="decoder_loss.reference must be decoded or pixels"):
+        DecoderLoss(reference="hr")
 
 
 def test_training_loss_adds_the_weighted_decoder_term_to_the_chosen_samples():

@@ -6,6 +6,8 @@ For source image s (in sorted order) and its crops j:
     LR_sj = bicubic_antialiased(HR_sj, 1/2)
     hr_sj = E(HR_sj),  lr_sj = E(LR_sj)      E = the autoencoder (posterior sample seeded by (seed, s, j), or mean)
 
+and, with ``pixels``, HR_sj itself (uint8), the target of a decoder-space loss against the true image.
+
 Run it as ``python train.py stage=prepare data=shards data.prepare.source=DIR data.root=OUT`` (or call
 :func:`prepare_pairs`). Interrupted runs resume after the last shard the manifest lists.
 """
@@ -42,6 +44,7 @@ class PrepareSettings:
     seed: int = 0
     sample: bool = True  # posterior sample (KL VAE) rather than the mean
     clip_skip: int = 1
+    pixels: bool = False  # also store the HR crop (uint8 ``hr_pixels``)
 
     def __post_init__(self):
         check_crop(self.crop, self.align)
@@ -118,6 +121,8 @@ def prepare_pairs(settings: PrepareSettings, output: str | Path, autoencoder, te
         for s, (index, key, caption, hr_px, _) in enumerate(pending):
             extra = {} if text is None else {"context": text.context[s], "pooled": text.pooled[s], "mask": text.mask[s]}
             for j in range(len(hr_px)):
+                if settings.pixels:  # exact: the crop was uint8
+                    extra["hr_pixels"] = hr_px[j].mul(255).round().to(torch.uint8)
                 writer.add(key, caption, hr=hr_lat[k + j], lr=lr_lat[k + j], **extra)
             k += len(hr_px)
             writer.end_source(index + 1)

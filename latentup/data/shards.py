@@ -1,8 +1,9 @@
 """Latent-pair shards: safetensors files plus ``manifest.json``, written atomically and resumably.
 
-A shard ``shard-NNNNNN.safetensors`` holds N aligned samples, stored in fp16 (the mask as bool):
+A shard ``shard-NNNNNN.safetensors`` holds N aligned samples, stored in fp16 (the mask as bool, pixels as uint8):
 
     hr [N, C, H, W]   lr [N, C, H/2, W/2]  (SD-scaled latents);  optional: context [N, T, D]  pooled [N, D]  mask [N, T]
+    hr_pixels [N, 3, 8H, 8W] (uint8, the HR crop)
 
 The metadata lists each sample's source key and caption. ``empty_prompt.safetensors`` holds the text embedding
 of "" (for caption dropout) when text was encoded.
@@ -23,7 +24,7 @@ from latentup.errors import ConfigError, InputError
 FORMAT = "latentup.pairs/1"
 MANIFEST = "manifest.json"
 EMPTY_PROMPT = "empty_prompt.safetensors"
-FIELDS = ("hr", "lr", "context", "pooled", "mask")
+FIELDS = ("hr", "lr", "context", "pooled", "mask", "hr_pixels")
 
 
 def _store(t: torch.Tensor) -> torch.Tensor:

@@ -239,7 +239,8 @@ class UpscalerModule(L.LightningModule):
             return self.model.loss(hr, d["noise"], d["sigma"], **cond)
         loss, denoised = self.model.loss_and_denoised(hr, d["noise"], d["sigma"], **cond)
         corners = densities.uniform_pairs(densities.random_words(mix_seed(self.seed, 5), positions, 1))[:, 0]
-        return loss + self.decoder_loss(self.autoencoder.decode, denoised, hr, positions, corners, self.lpips_distance)
+        return loss + self.decoder_loss(self.autoencoder.decode, denoised, hr, positions, corners, self.lpips_distance,
+                                        batch.get("hr_pixels"))
 
     def lpips_distance(self, image: Tensor, reference: Tensor) -> Tensor:
         """LPIPS-alex per image pair [k], images in [0, 1] (differentiable in ``image``)."""
