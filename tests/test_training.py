@@ -411,6 +411,9 @@ def test_default_model_recipes_build_the_bundled_architecture(experiment, monkey
                    for k, v in module.model_ema.unet.state_dict().items())
     assert set(cfg.data.module.train) == {"_target_", "_partial_", "root"}  # shard datasets take no crop keys
     settings = cfg.data.prepare.settings
-    assert cfg.data.prepare.name == f"taesd-256px-x{settings.crops_per_image}" + ("-dihedral" if settings.dihedral else "")
+    suffix = ("-dihedral" if settings.dihedral else "") + ("-pixels" if settings.pixels else "")
+    assert cfg.data.prepare.name == f"taesd-256px-x{settings.crops_per_image}{suffix}"  # other settings, other folder
     assert settings.dihedral == (experiment == "default_x2_cpu")
     assert (cfg.model.decoder_loss is not None) == (experiment == "default_x2_cpu")
+    if cfg.model.decoder_loss is not None:
+        assert settings.pixels == (cfg.model.decoder_loss.reference == "pixels")  # the reference is in the shards
