@@ -1,5 +1,6 @@
 """Training: schedules, EMA, the counter-based draws, the LightningModule (loss falls, text path), exact resume
-after a kill, DDP parity, and the exports (diffusers UNet2DConditionModel parity, pipeline loading)."""
+after a kill (and the step progress bar), DDP parity, and the exports (diffusers UNet2DConditionModel parity,
+pipeline loading)."""
 
 import csv
 import math
@@ -276,6 +277,9 @@ def test_killed_run_resumes_to_identical_weights(shards, tmp_path):
     assert sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir()) == ["last.ckpt", "step0000003.ckpt"]
     resumed = train_py(tmp_path, "name=cut", *common, "ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
+    bar = resumed.stdout.split("\r")
+    assert any("Training steps" in line and " 3/8 " in line for line in bar)  # starts at the restored step
+    assert any("Training steps: 100%" in line and " 8/8 " in line for line in bar)
     a = torch.load(tmp_path / "full/checkpoints/last.ckpt", weights_only=True)
     b = torch.load(tmp_path / "cut/checkpoints/last.ckpt", weights_only=True)
     assert a["global_step"] == b["global_step"] == 8

@@ -1,10 +1,12 @@
-"""Training callbacks: step timing (steps/s, samples/s) written to ``timing.json`` at the end of training."""
+"""Training callbacks: step timing (steps/s, samples/s) written to ``timing.json`` at the end of training, and a
+progress bar counted in optimizer steps."""
 
 import json
 import time
 from pathlib import Path
 
 import lightning as L
+from lightning.pytorch.callbacks import TQDMProgressBar
 
 
 class StepTimer(L.Callback):
@@ -50,3 +52,24 @@ def log_dir(trainer) -> Path:
     """The first logger's folder, else the run folder (no collective call: safe on one rank only)."""
     folder = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
     return Path(folder or trainer.default_root_dir)
+
+
+class StepProgressBar(TQDMProgressBar):
+    """The training bar as ``global_step / max_steps``: the stream has no length, so Lightning's own bar shows
+    ``batch/?``. Rate and ETA count from this call's first step, so a resumed run does not credit restored steps."""
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps if trainer.max_steps > 0 else None)
+        bar.initial = bar.n = bar.last_print_n = trainer.global_step
+        bar.set_description("Training steps")
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        """One bar for the whole run: not reset per epoch (a run resumed part-way through an epoch skips this hook)."""
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        bar, step = self.train_progress_bar, trainer.global_step
+        if self._should_update(step, bar.total) and not bar.disable:
+            bar.n = step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
