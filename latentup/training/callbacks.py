@@ -70,6 +70,6 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         bar, step = self.train_progress_bar, trainer.global_step
-        if self._should_update(step, bar.total) and not bar.disable:
+        if self._should_update(step, bar.total):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
