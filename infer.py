@@ -25,7 +25,8 @@ def _default_output(source: Path, suffix: str | None = None) -> Path:
 
 
 def _settings(cfg: DictConfig) -> dict:
-    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "clip_skip", "noise_level")
+    keys = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "clip_skip",
+            "noise_level", "colour_fix")
     return {k: cfg[k] for k in keys}
 
 

@@ -2,10 +2,11 @@
 
 Per row: the mean offset of each RGB channel from HR (x255), and the chroma ratio mean_i c(row_i) / mean_i c(HR_i),
 with c(x) = RMS over pixels of (R, G, B) minus their per-pixel mean: 1 keeps the saturation, below 1 is washed out,
-above 1 oversaturated. Same images, crops, LR and seeds as ``evaluate.py`` (image i uses seed i).
+above 1 oversaturated. Same images, crops, LR and seeds as ``evaluate.py`` (image i uses seed i). A setting
+``sampler:steps:sigma`` sets the colour fix (``latentup.colour_fix``; ``:0`` = off, omitted = the weights' default).
 
     python benchmarks/colour_shift.py --checkpoint latentup/assets/latentup-x2-taesd.safetensors --set B100 \\
-        --count 20 --settings euler:1 euler:4
+        --count 20 --settings euler:1 euler:4 euler:4:1
 """
 
 import argparse
@@ -20,20 +21,12 @@ from tqdm import tqdm
 from latentup.autoencoders import load_autoencoder
 from latentup.errors import LatentupError
 from latentup.evaluation.protocol import list_set_images, load_pair, reconstruct
-from latentup.pipeline import Upscaler
+from latentup.pipeline import Upscaler, parse_setting
 
 
 def chroma(images: torch.Tensor) -> torch.Tensor:
     """[B, 3, H, W] -> [B]: RMS distance of each pixel's RGB from its grey value."""
     return (images - images.mean(1, keepdim=True)).pow(2).mean((1, 2, 3)).sqrt()
-
-
-def sampler_setting(text: str) -> tuple[str, int]:
-    """``"euler:4"`` -> ``("euler", 4)``."""
-    sampler, _, steps = text.partition(":")
-    if not sampler or not steps.isdigit() or int(steps) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected sampler:steps with steps >= 1, e.g. euler:4")
-    return sampler, int(steps)
 
 
 def main():
@@ -43,10 +36,11 @@ def main():
     parser.add_argument("--data-root", type=Path,
                         default=Path(os.environ.get("LATENTUP_DATA", "../shared/datasets")) / "eval")
     parser.add_argument("--count", type=int, default=20, help="first N images of the set (sorted by name)")
-    parser.add_argument("--settings", nargs="+", type=sampler_setting, default=[("euler", 4)],
-                        help="sampler:steps, e.g. euler:1 euler:4")
+    parser.add_argument("--settings", nargs="+", default=["euler:4"],
+                        help="sampler:steps[:colour_fix], e.g. euler:1 euler:4:0 euler:4:1")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args()
+    settings = {text: parse_setting(text) for text in args.settings}
     if args.threads:
         torch.set_num_threads(args.threads)
     autoencoder = load_autoencoder("taesd")
@@ -55,8 +49,8 @@ def main():
     offsets, chromas = {}, {}
     for seed, path in enumerate(tqdm(paths, desc=args.set, unit="img")):
         hr, lr = load_pair(path)
-        models = {f"{sampler} {steps}": partial(upscaler.upscale_latent, seed=seed, sampler=sampler, steps=steps)
-                  for sampler, steps in args.settings}
+        models = {text: partial(upscaler.upscale_latent_to_image, seed=seed, **given)
+                  for text, given in settings.items()}
         rows = {**reconstruct(autoencoder, hr[None], lr[None], models), "HR": hr[None]}
         for name, image in rows.items():
             offsets[name] = offsets.get(name, 0) + (image - hr).mean((0, 2, 3)) * 255 / len(paths)

@@ -1,17 +1,19 @@
-"""Quality against speed of sampler settings for one checkpoint: (sampler, steps) → PSNR-Y, LPIPS, s / image.
+"""Quality against speed of sampler settings for one checkpoint: (sampler, steps[, colour fix]) → PSNR-Y, LPIPS,
+s / image.
 
 Every setting is a model row of one ``latentup.evaluation.run.evaluate`` call (same images, seeds, protocol and
 baselines as ``evaluate.py``), so the rows differ only in the sampler; each row's sampling time is measured around
-its own calls (encode of the LR and decode excluded).
+its own calls (LR encode excluded; decode and colour fix included).
 
     python benchmarks/sampler_sweep.py --checkpoint latentup/assets/latentup-x2-taesd.safetensors \\
-        --settings euler:1 euler:4 euler:8 euler:20 dpmpp_2m:4 dpmpp_2m:8 heun:4 euler_ancestral:20
+        --settings euler:1 euler:4 euler:4:1 euler:8 dpmpp_2m:4 heun:4 euler_ancestral:20
 
 Writes the evaluation outputs under ``--output-dir`` and prints a Markdown table per set.
 """
 
 import argparse
 import os
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -19,9 +21,10 @@ from pathlib import Path
 import torch
 
 from latentup.autoencoders import load_autoencoder
+from latentup.errors import LatentupError
 from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.run import evaluate
-from latentup.pipeline import Upscaler
+from latentup.pipeline import Upscaler, parse_setting
 
 
 class Timed:
@@ -41,7 +44,8 @@ class Timed:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True)
-    parser.add_argument("--settings", nargs="+", required=True, help="sampler:steps, e.g. euler:20 dpmpp_2m:8")
+    parser.add_argument("--settings", nargs="+", required=True,
+                        help="sampler:steps[:colour_fix] (omitted: the weights' default), e.g. euler:8 euler:4:1")
     parser.add_argument("--sets", nargs="+", default=["Set5", "Set14"])
     parser.add_argument("--data-root", type=Path,
                         default=Path(os.environ.get("LATENTUP_DATA", "../shared/datasets")) / "eval")
@@ -50,25 +54,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="CPU threads [torch's default]")
     parser.add_argument("--output-dir", type=Path, default=Path("outputs/sampler_sweep"))
     args = parser.parse_args()
+    settings = {text: parse_setting(text) for text in args.settings}
     if args.threads:
         torch.set_num_threads(args.threads)
     autoencoder = load_autoencoder(args.autoencoder).to(args.device).eval()
     upscaler = Upscaler.from_pretrained(args.checkpoint, device=args.device, autoencoder=autoencoder)
     upscaler.upscale_latent(torch.zeros(1, 4, 8, 8, device=args.device), steps=1)  # warm-up (e.g. filter caches)
-    rows = {}
-    for setting in args.settings:
-        sampler, steps = setting.split(":")
-        rows[f"{sampler} {steps}"] = Timed(partial(upscaler.upscale_latent, sampler=sampler, steps=int(steps)))
+    rows = {text: Timed(partial(upscaler.upscale_latent_to_image, **given)) for text, given in settings.items()}
     summary = evaluate(autoencoder, {name: args.data_root / name for name in args.sets}, args.output_dir,
                        ImageMetrics(), rows, grids=0, batch_size=1, autoencoder_name=args.autoencoder,
                        settings={"checkpoint": args.checkpoint, "settings": args.settings})
     for name in args.sets:
-        print(f"\n### {name}\n\n| sampler | steps | PSNR-Y (dB) | LPIPS | s / image |\n|---|---|---|---|---|")
+        print(f"\n### {name}\n\n| setting | PSNR-Y (dB) | LPIPS | s / image |\n|---|---|---|---|")
         for row, timed in rows.items():
             values = summary[name]["rows"][row]
             seconds = f"{timed.seconds / timed.images:.2f}" if timed.images else "–"  # a resumed row was not timed
-            print(f"| {row.replace(' ', ' | ')} | {values['psnr_y']:.2f} | {values['lpips']:.4f} | {seconds} |")
+            print(f"| {row} | {values['psnr_y']:.2f} | {values['lpips']:.4f} | {seconds} |")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LatentupError as error:
+        sys.exit(f"error: {error}")

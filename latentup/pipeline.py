@@ -1,6 +1,7 @@
 """The user-facing 2x upscaler: image or SD latent in, 2x image or latent out.
 
     low-res latent z (SD-scaled) --(text, seed)--> x ~ N(0, sigma_max^2) --sampler(D, sigmas)--> 2x latent --> decode
+    --> colour fix (image outputs, ``colour_fix`` > 0: the low band of the input's pixels, ``latentup.colour_fix``)
 
 With the released weights, ``sampler="euler"``, ``schedule="log_linear"`` and the same seed, prompt and guidance,
 the result equals diffusers' StableDiffusionLatentUpscalePipeline (SPEC §3): one CPU generator per sample,
@@ -18,6 +19,7 @@ import torch
 from PIL import Image
 
 from latentup.autoencoders import Autoencoder, load_autoencoder
+from latentup.colour_fix import check_colour_fix, colour_fix
 from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
 from latentup.diffusion.guidance import guided
 from latentup.diffusion.precond import KarrasDenoiser
@@ -49,13 +51,29 @@ class Settings:
     schedule: str = "log_linear"
     clip_skip: int = 1  # [clipSkip]; 1 (or 0) = last layer
     noise_level: float = 0.0  # low-res noise augmentation sigma_lr (needs k-diffusion/latentup weights)
+    colour_fix: float = 0.0  # image outputs: low band (Gaussian sigma, output px) from the input; 0 = off
 
     def validate(self):
         get_sampler(self.sampler)
         make_sigmas(self.schedule, self.steps)
         if self.noise_level < 0:
             raise ConfigError(f"noise_level must be >= 0, got {self.noise_level}")
+        check_colour_fix(self.colour_fix)
         return self
+
+
+def parse_setting(text: str) -> dict:
+    """``sampler:steps[:colour_fix]`` (the benchmarks' notation, e.g. ``euler:4`` or ``euler:4:1``) -> checked
+    keyword settings."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (2, 3):
+            raise ValueError(f"{len(parts)} fields")
+        given = {"sampler": parts[0], "steps": int(parts[1])} | ({"colour_fix": float(parts[2])} if parts[2:] else {})
+        Settings(**given).validate()
+    except (IndexError, ValueError, ConfigError) as error:
+        raise ConfigError(f"setting {text!r} ({error}): expected sampler:steps[:colour_fix], e.g. euler:4:1") from None
+    return given
 
 
 def resolve_dtype(dtype, device) -> torch.dtype:
@@ -212,6 +230,16 @@ class Upscaler:
         return out[..., : 2 * h, : 2 * w].float()
 
     @torch.no_grad()
+    def upscale_latent_to_image(self, latent: torch.Tensor, progress=False, **settings) -> torch.Tensor:
+        """SD-scaled latent [B, C, h, w] -> the decoded 2x image [B, 3, 16h, 16w] in [0, 1], float32. With
+        ``colour_fix`` > 0 its low band comes from decode(latent), the only pixels a latent input has."""
+        s = self.settings(**settings)
+        image = self.autoencoder.decode(self.upscale_latent(latent, progress, **settings).to(self.device, self.dtype))
+        if s.colour_fix:
+            image = colour_fix(image, self.autoencoder.decode(latent.to(self.device, self.dtype)), s.colour_fix)
+        return image.float()
+
+    @torch.no_grad()
     def upscale_image(self, image: Image.Image | str | Path, progress=False, **settings) -> Image.Image:
         """One image (PIL or path; any size, RGB/RGBA/greyscale) -> its 2x upscale as a PIL image."""
         image = load_image(image) if isinstance(image, (str, Path)) else image
@@ -222,7 +250,8 @@ class Upscaler:
         generators = self.generators(s.seed, 1)
         latent = self.autoencoder.encode(pixels.to(self.device, self.dtype), generator=generators[0])
         out = self.sample(latent.float(), generators, s, progress)
-        decoded = self.autoencoder.decode(out.to(self.dtype))[..., : 2 * h, : 2 * w]
+        decoded = colour_fix(self.autoencoder.decode(out.to(self.dtype)), pixels.to(self.device), s.colour_fix)
+        decoded = decoded[..., : 2 * h, : 2 * w]
         return merge_alpha(to_pil(decoded)[0], alpha, mode)
 
     def __call__(self, images, progress=False, **settings) -> list[Image.Image]:

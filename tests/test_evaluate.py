@@ -16,6 +16,7 @@ from PIL import Image
 
 from conftest import REPO, SHARED, SPEC
 from latentup.autoencoders import load_autoencoder
+from latentup.colour_fix import colour_fix
 from latentup.errors import ConfigError, InputError, WeightsNotFoundError
 from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.protocol import (BASELINES, bicubic2x, check_align, crop_box, list_set_images, load_pair,
@@ -50,15 +51,16 @@ def tiny_root(tmp_path_factory):
 
 
 class StandIn:
-    """A model row: bicubic x2 of the latent plus seeded noise (so seeds show in the output); records its calls."""
+    """A model row: the decoded bicubic x2 of the latent plus seeded noise (so seeds show in the output); records its
+    calls."""
 
-    def __init__(self):
-        self.calls: list[list[int]] = []
+    def __init__(self, autoencoder):
+        self.autoencoder, self.calls = autoencoder, []
 
     def __call__(self, z, seed):
         self.calls.append(list(seed))
         noise = torch.stack([torch.randn(z.shape[1:], generator=torch.Generator().manual_seed(s)) for s in seed])
-        return bicubic2x(z + 0.2 * noise.to(z))
+        return self.autoencoder.decode(bicubic2x(z + 0.2 * noise.to(z)))
 
 
 def test_crop_and_listing(tmp_path, tiny_root):
@@ -88,7 +90,7 @@ def test_pair_follows_the_protocol():
 def test_rows(taesd):
     hr, lr = load_pair(EVAL / "Set5" / "head.png")
     hr, lr = hr[None, :, :64, :64], lr[None, :, :32, :32]
-    rows = reconstruct(taesd, hr, lr, {"model": bicubic2x})
+    rows = reconstruct(taesd, hr, lr, {"model": lambda z: taesd.decode(bicubic2x(z))})
     assert list(rows) == ["model", *BASELINES]
     assert all(r.shape == hr.shape and r.dtype == torch.float32 for r in rows.values())
     assert torch.equal(rows["model"], rows["latent-bicubic"])
@@ -104,7 +106,7 @@ def _run(root, folder, taesd, metrics, model, **kw):
 
 
 def test_evaluate_outputs_resume_and_determinism(tmp_path, tiny_root, taesd, metrics):
-    model = StandIn()
+    model = StandIn(taesd)
     summary = _run(tiny_root, tmp_path / "a", taesd, metrics, model, batch_size=2, grids=1)
     assert sorted(model.calls) == [[0, 1], [2]]  # a, b share a size (one batch); image i uses seed + i
     records = read_records(tmp_path / "a" / "per_image.csv")
@@ -122,13 +124,13 @@ def test_evaluate_outputs_resume_and_determinism(tmp_path, tiny_root, taesd, met
         assert grid.width == 8 * 64 + 7 * 4  # LR | 4 baselines | model | ceiling | HR
 
     # Batching does not change results: every image has its own seed.
-    _run(tiny_root, tmp_path / "b", taesd, metrics, StandIn(), batch_size=1, grids=0)
+    _run(tiny_root, tmp_path / "b", taesd, metrics, StandIn(taesd), batch_size=1, grids=0)
     again = {(r["image"], r["row"]): r for r in read_records(tmp_path / "b" / "per_image.csv")}
     assert all(r["lpips"] == pytest.approx(again[r["image"], r["row"]]["lpips"], abs=1e-5) for r in records)
 
     # Resuming skips finished images; a lost record (or grid) is redone alone.
     text = (tmp_path / "a" / "per_image.csv").read_text()
-    resumed = StandIn()
+    resumed = StandIn(taesd)
     _run(tiny_root, tmp_path / "a", taesd, metrics, resumed, batch_size=2, grids=1)
     assert resumed.calls == [] and (tmp_path / "a" / "per_image.csv").read_text() == text
     kept = [line for line in text.splitlines(keepends=True) if not line.startswith("tiny,c.png,model,")]
@@ -159,6 +161,11 @@ def test_model_row_from_a_checkpoint(tmp_path, tiny_root, taesd, metrics):
     with torch.no_grad():
         pred = taesd.decode(upscaler.upscale_latent(taesd.encode(lr[None], sample=False), seed=[0], steps=2))
     assert summary["tiny"]["rows"]["tiny-model"]["psnr_y"] == pytest.approx(metrics(pred, hr[None])["psnr_y"].item())
+
+    fixed = load_models([path], taesd, steps=2, sampler="euler", colour_fix=1.0)["tiny-model"]
+    with torch.no_grad():
+        z = taesd.encode(lr[None], sample=False)
+        assert torch.allclose(fixed(z, seed=[0]), colour_fix(pred, taesd.decode(z), 1.0), atol=1e-6)
 
 
 def _cli(*args, env=None):

@@ -112,6 +112,7 @@ def test_exif_orientation_is_honoured(pipeline_dir, tmp_path):
         (["weights={mismatched}", "input={photo}"], "do not fit"),
         (["input={photo}", "steps=0"], "steps must be >= 1"),
         (["input={photo}", "sampler=plms"], "unknown sampler"),
+        (["input={photo}", "colour_fix=-1"], "colour_fix must be >= 0"),
     ],
 )
 def test_cli_bad_input(pipeline_dir, tmp_path, args, message):

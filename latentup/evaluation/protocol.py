@@ -4,7 +4,7 @@
           32 px, the released model's size rule), uint8
     LR  = PIL bicubic resize of HR to half size (antialiased, a = -0.5), uint8
     z   = encode(LR)                                       (posterior mean for a KL VAE)
-    rows: model_k     decode(upscale_latent_k(z))
+    rows: model_k     upscale_k(z), the model's decoded image (pipeline: decode, then its colour fix)
           ceiling     decode(encode(HR))
           latent-nearest / latent-bicubic       decode(up2(z))
           pixel-bicubic-of-decoded-LR           clamp(bicubic2(decode(z)))
@@ -101,12 +101,13 @@ def reconstruct(autoencoder: Autoencoder, hr: Tensor, lr: Tensor,
                 models: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> dict[str, Tensor]:
     """Every row's ×2 output for a batch: ``{row: [B, 3, H, W] float32 in [0, 1]}``, model rows first.
 
-    ``models`` maps a row name to ``upscale_latent(lr_latent) -> hr_latent`` (SD-scaled latents).
+    ``models`` maps a row name to ``upscale(lr_latent) -> image`` (an SD-scaled latent in, [B, 3, H, W] in [0, 1]
+    out), e.g. ``Upscaler.upscale_latent_to_image``.
     """
     param = next(autoencoder.parameters())
     hr, lr = hr.to(param.device, param.dtype), lr.to(param.device, param.dtype)
     z = autoencoder.encode(lr, sample=False)
-    rows = {name: autoencoder.decode(up(z).to(z.device, z.dtype)) for name, up in (models or {}).items()}
+    rows = {name: up(z).to(z.device, z.dtype) for name, up in (models or {}).items()}
     rows["ceiling"] = autoencoder.decode(autoencoder.encode(hr, sample=False))
     rows["latent-nearest"] = autoencoder.decode(nearest2x(z))
     rows["latent-bicubic"] = autoencoder.decode(bicubic2x(z))

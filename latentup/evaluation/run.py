@@ -30,7 +30,7 @@ from latentup.evaluation.protocol import BASELINES, check_align, hr_size, list_s
 from latentup.evaluation.report import (add_features, append_records, read_features, read_records, summarize,
                                         write_summary)
 
-# A model row: ``upscale_latent(lr_latent, seed=[seed per sample]) -> hr_latent`` (SD-scaled latents).
+# A model row: ``upscale(lr_latent, seed=[seed per sample]) -> image`` (SD-scaled latent in, [0, 1] image out).
 ModelRow = Callable[..., torch.Tensor]
 CSV_NAME, SETTINGS_NAME = "per_image.csv", "settings.json"
 
@@ -183,8 +183,8 @@ def evaluate(
 def load_models(checkpoints: Sequence[str | Path], autoencoder: Autoencoder, *, device="cpu", dtype="float32",
                 **settings) -> dict[str, ModelRow]:
     """One model row per checkpoint (row name: the file stem or folder name), sampling with ``settings``
-    (steps, sampler, cfg_scale, prompt; None = the weights' recommendation). Each Upscaler gets its own copy
-    of ``autoencoder``, so casting it to the model's dtype leaves the baselines' float32 copy alone."""
+    (steps, sampler, cfg_scale, prompt, colour_fix; None = the weights' recommendation). Each Upscaler gets its own
+    copy of ``autoencoder`` to decode its rows in the model's dtype; the baselines' copy stays float32."""
     from latentup.pipeline import Upscaler
 
     models: dict[str, ModelRow] = {}
@@ -195,7 +195,7 @@ def load_models(checkpoints: Sequence[str | Path], autoencoder: Autoencoder, *, 
         while name in models:
             name, k = f"{base}-{k}", k + 1
         upscaler = Upscaler.from_pretrained(path, device=device, dtype=dtype, autoencoder=copy.deepcopy(autoencoder))
-        models[name] = partial(upscaler.upscale_latent, **settings)
+        models[name] = partial(upscaler.upscale_latent_to_image, **settings)
     return models
 
 
@@ -214,7 +214,8 @@ def from_config(cfg) -> dict:
     for folder in sets.values():
         list_set_images(folder)
     check_loop(cfg.align, cfg.batch_size, cfg.grids)
-    sampling = {"steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale, "prompt": cfg.prompt}
+    sampling = {"steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale, "prompt": cfg.prompt,
+                "colour_fix": cfg.colour_fix}
     for checkpoint in cfg.checkpoints:
         if not Path(checkpoint).expanduser().exists():
             raise WeightsNotFoundError(f"checkpoint {checkpoint} does not exist: check the checkpoints list")

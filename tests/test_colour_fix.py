@@ -1,0 +1,86 @@
+"""The colour fix: analytic cases of the low-band swap, the blur against torchvision, and its use by the pipeline."""
+
+import dataclasses
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
+
+from latentup.autoencoders import load_autoencoder
+from latentup.colour_fix import colour_fix, gaussian_blur
+from latentup.errors import ConfigError
+from latentup.imageio import to_tensor
+from latentup.nn.unet import UNet, UNetConfig
+from latentup.pipeline import Upscaler, parse_setting
+from latentup.weights.single_file import save_upscaler
+
+
+def checkerboard(h: int, w: int) -> torch.Tensor:
+    """+-1 at the Nyquist frequency: a Gaussian of sigma >= 1 passes exp(-sigma^2 pi^2) of it, i.e. nothing."""
+    return ((torch.arange(h)[:, None] + torch.arange(w)[None]) % 2 * 2 - 1).float().expand(1, 3, h, w)
+
+
+def test_blur_equals_torchvision_inside_the_border():
+    image = torch.rand(2, 3, 40, 48, generator=torch.Generator().manual_seed(0))
+    for sigma in (0.7, 1.0, 2.5):
+        radius = -(-3 * sigma // 1)
+        ours = gaussian_blur(image, sigma)
+        theirs = tv_gaussian_blur(image, [2 * int(radius) + 1] * 2, [sigma, sigma])
+        r = int(radius)
+        assert ours.shape == image.shape
+        assert torch.allclose(ours[..., r:-r, r:-r], theirs[..., r:-r, r:-r], atol=1e-6)
+
+
+def test_low_band_comes_from_the_reference_high_band_stays():
+    """image = a + h (flat colour a, Nyquist texture h), reference = flat b at half size -> b + h."""
+    a, b = torch.tensor([0.3, 0.5, 0.4]), torch.tensor([0.45, 0.4, 0.5])
+    h = 0.05 * checkerboard(32, 32)
+    image = a.view(1, 3, 1, 1) + h
+    reference = b.view(1, 3, 1, 1).expand(1, 3, 16, 16)
+    fixed = colour_fix(image, reference, sigma=1.5)
+    # replicate padding keeps the Nyquist texture's blur ~0 only away from the border
+    assert torch.allclose(fixed[..., 6:-6, 6:-6], (b.view(1, 3, 1, 1) + h)[..., 6:-6, 6:-6], atol=1e-4)
+    assert torch.equal(colour_fix(image, reference, sigma=0), image)
+    ramp = torch.linspace(0.2, 0.8, 32).expand(1, 3, 32, 32)  # a Gaussian keeps a ramp: the output is the reference
+    assert torch.allclose(colour_fix(torch.full_like(ramp, 0.5), ramp, sigma=2.0)[..., 6:-6], ramp[..., 6:-6], atol=1e-6)
+
+
+def test_bad_sigma_is_one_clear_error():
+    with pytest.raises(ConfigError, match="colour_fix must be >= 0"):
+        colour_fix(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 4, 4), sigma=-1)
+    assert parse_setting("euler:4") == {"sampler": "euler", "steps": 4}
+    assert parse_setting("euler_ancestral:8:1.5") == {"sampler": "euler_ancestral", "steps": 8, "colour_fix": 1.5}
+    for bad, why in (("euler", "1 fields"), ("euler:four", "invalid literal"), ("euler:4:-1", "colour_fix must be"),
+                     ("eul:4", "unknown sampler"), ("euler:4:1:2", "4 fields")):
+        with pytest.raises(ConfigError, match=f"setting '{bad}'.*{why}.*expected sampler:steps"):
+            parse_setting(bad)
+
+
+@pytest.fixture(scope="module")
+def upscaler(tmp_path_factory):
+    """A tiny random text-free U-Net with TAESD; its metadata recommends euler 2 and colour_fix 1.5."""
+    config = UNetConfig(channels=(32, 32, 64, 64), depths=(1,) * 4, cross_attention_dim=None, mapping_dim=64,
+                        mapping_cond_dim=128, head_dim=32)
+    torch.manual_seed(0)
+    meta = {"recommended": {"sampler": "euler", "steps": 2, "colour_fix": 1.5}}
+    path = save_upscaler(tmp_path_factory.mktemp("w") / "tiny.safetensors", UNet(config).state_dict(),
+                         dataclasses.asdict(config), meta=meta)
+    return Upscaler.from_pretrained(path, autoencoder=load_autoencoder("taesd"))
+
+
+def test_pipeline_applies_the_fix_to_image_outputs(upscaler):
+    assert upscaler.settings().colour_fix == 1.5 and upscaler.settings(colour_fix=0).colour_fix == 0
+    latent = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    plain = upscaler.autoencoder.decode(upscaler.upscale_latent(latent, seed=3))
+    fixed = upscaler.upscale_latent_to_image(latent, seed=3)  # the recommended 1.5
+    assert torch.equal(upscaler.upscale_latent_to_image(latent, seed=3, colour_fix=0), plain)
+    assert torch.allclose(fixed, colour_fix(plain, upscaler.autoencoder.decode(latent), 1.5), atol=1e-6)
+    assert not torch.allclose(fixed, plain, atol=1e-2)
+
+    # image input: the reference is the input image itself, so a flat input gives a flat-mean output
+    image = Image.new("RGB", (64, 64), (200, 60, 90))
+    out = to_tensor(upscaler.upscale_image(image, seed=0, colour_fix=8.0))
+    off = to_tensor(upscaler.upscale_image(image, seed=0, colour_fix=0))
+    target = to_tensor(image).mean((-2, -1))
+    assert (out.mean((-2, -1)) - target).abs().max() < 2 / 255 < (off.mean((-2, -1)) - target).abs().max()
