@@ -3,8 +3,9 @@
     fixed = clamp(image + G_sigma * (up(reference) - image), 0, 1)
 
 ``G_sigma`` is a separable Gaussian blur (sigma in output pixels, edge-replicated), ``up`` is bicubic resizing
-of the low-res reference to the output size. The sampled latent keeps its detail; its colour and brightness
-drift at scales above ~sigma (the desaturation of multi-step samples in the model card) come from the input.
+of the low-res reference to the output size. The output keeps the sample's detail and takes colour and brightness
+at scales above ~sigma from the input, which removes the sample's drift there (e.g. the desaturation of multi-step
+samples in the bundled model's card).
 """
 
 import math
