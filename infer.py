@@ -75,6 +75,8 @@ def run(cfg: DictConfig) -> None:
     if source.suffix == ".safetensors":
         latent = load_latent(source)
         output = Path(cfg.output) if cfg.output else _default_output(source)
+        if settings["colour_fix"]:
+            raise ConfigError("colour_fix acts on images, but a latent input gives a latent output: drop colour_fix")
         if output.suffix != ".safetensors":
             raise ConfigError(f"a latent input needs a .safetensors output, got {output}")
         upscaler = _load(cfg)

@@ -113,16 +113,20 @@ def test_exif_orientation_is_honoured(pipeline_dir, tmp_path):
         (["input={photo}", "steps=0"], "steps must be >= 1"),
         (["input={photo}", "sampler=plms"], "unknown sampler"),
         (["input={photo}", "colour_fix=-1"], "colour_fix must be >= 0"),
+        (["input={latent}", "colour_fix=1"], "colour_fix acts on images"),
     ],
 )
 def test_cli_bad_input(pipeline_dir, tmp_path, args, message):
+    from latentup.imageio import save_latent
     from latentup.weights.single_file import save_upscaler
 
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
     photo().save(tmp_path / "photo.png")
     save_upscaler(tmp_path / "mismatched.safetensors", {"conv_in.weight": torch.zeros(3, 3)},
                   {"channels": [32, 32, 64, 64]}, meta={"autoencoder": "taesd"})
-    paths = {"corrupt": tmp_path / "corrupt.png", "photo": tmp_path / "photo.png", "mismatched": tmp_path / "mismatched.safetensors"}
+    save_latent(torch.zeros(1, 4, 8, 8), tmp_path / "latent.safetensors")
+    paths = {"corrupt": tmp_path / "corrupt.png", "photo": tmp_path / "photo.png",
+             "mismatched": tmp_path / "mismatched.safetensors", "latent": tmp_path / "latent.safetensors"}
     weights = [] if any(a.startswith("weights=") for a in args) else [f"weights={pipeline_dir}"]
     output = tmp_path / "out.png"
     result = infer(*weights, *[a.format(**paths) for a in args], f"output={output}")
