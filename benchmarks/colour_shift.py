@@ -6,7 +6,7 @@ above 1 oversaturated. Same images, crops, LR and seeds as ``evaluate.py`` (imag
 ``sampler:steps:sigma`` sets the colour fix (``latentup.colour_fix``; ``:0`` = off, omitted = the weights' default).
 
     python benchmarks/colour_shift.py --checkpoint latentup/assets/latentup-x2-taesd.safetensors --set B100 \\
-        --count 20 --settings euler:1 euler:4 euler:4:1
+        --count 20 --settings euler:1 euler:4:0 euler:4:1 --grid colour_fix.png
 """
 
 import argparse
@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from latentup.autoencoders import load_autoencoder
 from latentup.errors import LatentupError
+from latentup.evaluation.grids import save_grid
 from latentup.evaluation.protocol import list_set_images, load_pair, reconstruct
 from latentup.pipeline import Upscaler, parse_setting
 
@@ -39,6 +40,7 @@ def main():
     parser.add_argument("--settings", nargs="+", default=["euler:4"],
                         help="sampler:steps[:colour_fix], e.g. euler:1 euler:4:0 euler:4:1")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--grid", type=Path, help="also write a PNG grid of the first image (settings' rows, ceiling)")
     args = parser.parse_args()
     settings = {text: parse_setting(text) for text in args.settings}
     if args.threads:
@@ -52,6 +54,8 @@ def main():
         models = {text: partial(upscaler.upscale_latent_to_image, seed=seed, **given)
                   for text, given in settings.items()}
         rows = {**reconstruct(autoencoder, hr[None], lr[None], models), "HR": hr[None]}
+        if args.grid and seed == 0:
+            save_grid(args.grid, lr, {name: rows[name][0] for name in [*settings, "ceiling"]}, hr)
         for name, image in rows.items():
             offsets[name] = offsets.get(name, 0) + (image - hr).mean((0, 2, 3)) * 255 / len(paths)
             chromas[name] = chromas.get(name, 0) + chroma(image).item() / len(paths)
