@@ -7,12 +7,11 @@
 Writes results.md, summary.json, per_image.csv and grids/ under output_dir and prints the tables.
 """
 
-import sys
 
 import hydra
 from omegaconf import DictConfig
 
-from latentup.errors import LatentupError
+from latentup.errors import exit_on_error
 
 
 @hydra.main(version_base=None, config_path="configs", config_name="evaluate")
@@ -21,11 +20,8 @@ def main(cfg: DictConfig) -> None:
 
     from latentup.evaluation.run import from_config
 
-    try:
+    with exit_on_error():
         from_config(cfg)
-    except LatentupError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
     print((Path(cfg.output_dir) / "results.md").read_text())
 
 

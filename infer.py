@@ -7,14 +7,13 @@
 """
 
 import json
-import sys
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
-from latentup.errors import ConfigError, InputError, LatentupError
+from latentup.errors import ConfigError, InputError, LatentupError, exit_on_error
 from latentup.imageio import list_images, load_image, load_latent, save_image, save_latent
 
 
@@ -60,12 +59,14 @@ def run(cfg: DictConfig) -> None:
         try:
             tasks = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
-            raise InputError(f"task file {path} is not readable JSON ({type(error).__name__}): check the file") from None
+            reason = type(error).__name__
+            raise InputError(f"task file {path} is not readable JSON ({reason}): check the file") from None
         validate_tasks(tasks)
         response = run_tasks(_load(cfg), tasks, Path(cfg.output or "outputs"), progress=cfg.progress)
         print(json.dumps(response, indent=2))
         if "errors" in response:
-            raise LatentupError(f"{len(response['errors'])} of {len(tasks)} tasks failed: {response['errors'][0]['message']}")
+            first = response["errors"][0]["message"]
+            raise LatentupError(f"{len(response['errors'])} of {len(tasks)} tasks failed: {first}")
         return
     if cfg.input is None:
         raise ConfigError("nothing to do: pass input=IMAGE|FOLDER|LATENT.safetensors or task=FILE.json")
@@ -105,11 +106,8 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="configs", config_name="infer")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error():
         run(cfg)
-    except LatentupError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -9,14 +9,13 @@
 """
 
 import json
-import sys
 import warnings
 from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from latentup.errors import ConfigError, LatentupError
+from latentup.errors import ConfigError, exit_on_error
 
 
 def resolve_precision(precision):
@@ -172,11 +171,8 @@ def run(cfg: DictConfig) -> None:
 
 @hydra.main(version_base=None, config_path="configs", config_name="train")
 def main(cfg: DictConfig) -> None:
-    try:
+    with exit_on_error():
         run(cfg)
-    except LatentupError as error:
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ above 1 oversaturated. Same images, crops, LR and seeds as ``evaluate.py`` (imag
 
 import argparse
 import os
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from latentup.autoencoders import load_autoencoder
-from latentup.errors import LatentupError
+from latentup.errors import exit_on_error
 from latentup.evaluation.grids import save_grid
 from latentup.evaluation.protocol import list_set_images, load_pair, reconstruct
 from latentup.pipeline import Upscaler, parse_setting
@@ -67,7 +66,5 @@ def main():
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_error():
         main()
-    except LatentupError as error:
-        sys.exit(f"error: {error}")

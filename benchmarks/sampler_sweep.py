@@ -13,7 +13,6 @@ Writes the evaluation outputs under ``--output-dir`` and prints a Markdown table
 
 import argparse
 import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import torch
 
 from latentup.autoencoders import load_autoencoder
-from latentup.errors import LatentupError
+from latentup.errors import exit_on_error
 from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.run import evaluate
 from latentup.pipeline import Upscaler, parse_setting
@@ -73,7 +72,5 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
+    with exit_on_error():
         main()
-    except LatentupError as error:
-        sys.exit(f"error: {error}")

@@ -1,7 +1,11 @@
 """User-facing errors: one line that names the problem and the fix.
 
-The CLI prints ``str(error)`` and exits with status 2; nothing else should reach the user as a traceback.
+The CLI prints ``str(error)`` and exits with status 2 (``exit_on_error``); nothing else should reach the user as a
+traceback.
 """
+
+import sys
+from contextlib import contextmanager
 
 
 class LatentupError(Exception):
@@ -22,3 +26,13 @@ class WeightsNotFoundError(LatentupError):
 
 class WeightsMismatchError(LatentupError):
     """A state dict whose keys or shapes do not fit the module it is loaded into."""
+
+
+@contextmanager
+def exit_on_error():
+    """For entry points: a ``LatentupError`` prints ``error: <message>`` to stderr and exits with status 2."""
+    try:
+        yield
+    except LatentupError as error:
+        print(f"error: {error}", file=sys.stderr)
+        sys.exit(2)
