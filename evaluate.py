@@ -7,7 +7,6 @@
 Writes results.md, summary.json, per_image.csv and grids/ under output_dir and prints the tables.
 """
 
-
 import hydra
 from omegaconf import DictConfig
 
