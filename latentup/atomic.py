@@ -36,3 +36,8 @@ def write_atomic(path, write: Callable[[str], None]) -> Path:
         if os.path.exists(tmp):
             os.remove(tmp)
     return path
+
+
+def write_text_atomic(path, text: str) -> Path:
+    """:func:`write_atomic` for a text file (UTF-8)."""
+    return write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))

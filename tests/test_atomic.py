@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from latentup.atomic import umask, write_atomic
+from latentup.atomic import umask, write_atomic, write_text_atomic
 
 
 def test_write_atomic_creates_folders_and_uses_umask_permissions(tmp_path):
@@ -26,3 +26,9 @@ def test_failed_write_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     with pytest.raises(RuntimeError):
         write_atomic(path, broken)
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["b.txt"]
+
+
+def test_write_text_atomic_replaces_the_whole_text(tmp_path):
+    path = write_text_atomic(tmp_path / "r.md", "a much longer first version\n")
+    write_text_atomic(path, "ü\n")
+    assert path.read_bytes() == "ü\n".encode() and os.listdir(tmp_path) == ["r.md"]

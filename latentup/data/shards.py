@@ -18,7 +18,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from latentup.atomic import write_atomic
+from latentup.atomic import write_atomic, write_text_atomic
 from latentup.errors import ConfigError, InputError
 
 FORMAT = "latentup.pairs/1"
@@ -94,7 +94,7 @@ class ShardWriter:
         m["sources_done"] = sources_end
         m["skipped"] += self.skipped
         m["complete"] = complete
-        write_atomic(self.root / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(m, indent=1)))
+        write_text_atomic(self.root / MANIFEST, json.dumps(m, indent=1))
         self.buffer, self.keys, self.captions, self.skipped = {}, [], [], []
 
     def write_empty_prompt(self, context: torch.Tensor, pooled: torch.Tensor, mask: torch.Tensor) -> None:

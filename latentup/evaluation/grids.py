@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from latentup.atomic import write_atomic
+
 LABEL_HEIGHT = 36
 GAP = 4
 OUTLINE = (255, 40, 40)
@@ -79,6 +81,5 @@ def comparison_grid(lr: Tensor, rows: Mapping[str, Tensor], hr: Tensor, tile: in
 @torch.no_grad()
 def save_grid(path: str | Path, lr: Tensor, rows: Mapping[str, Tensor], hr: Tensor, tile: int = 256) -> None:
     """Write :func:`comparison_grid` as PNG (parent folders created)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    comparison_grid(lr, rows, hr, tile).save(path)
+    grid = comparison_grid(lr, rows, hr, tile)
+    write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))

@@ -8,7 +8,6 @@ summary only, computed from one feature file per image, ``{row: [2048] pool3 fea
 import csv
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from latentup.atomic import write_atomic, write_text_atomic
 from latentup.evaluation.metrics import METRICS
 
 KEYS = ("set", "image", "row", "width", "height")
@@ -68,11 +68,8 @@ def read_features(path: str | Path) -> dict[str, Tensor]:
 
 def add_features(path: str | Path, features: Mapping[str, Tensor]) -> None:
     """Merge ``features`` into an image's feature file, atomically (a temporary file renamed over it)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     merged = {**read_features(path), **{k: v.detach().float().cpu().contiguous() for k, v in features.items()}}
-    save_file(merged, str(path.with_suffix(".tmp")))
-    os.replace(path.with_suffix(".tmp"), path)
+    write_atomic(path, lambda tmp: save_file(merged, tmp))
 
 
 def summarize(records: Iterable[dict], sets: Sequence[str], rows: Sequence[str]) -> dict:
@@ -125,7 +122,7 @@ def write_summary(folder: str | Path, summary: dict, settings: dict, protocol: s
     """``results.md`` (the tables) and ``summary.json`` (settings + means) in ``folder``."""
     folder = Path(folder)
     md, js = folder / "results.md", folder / "summary.json"
-    md.write_text(markdown_table(summary, protocol))
-    js.write_text(json.dumps(_finite({"settings": settings, "protocol": protocol, "sets": summary}), indent=2,
-                             allow_nan=False) + "\n")
+    write_text_atomic(md, markdown_table(summary, protocol))
+    write_text_atomic(js, json.dumps(_finite({"settings": settings, "protocol": protocol, "sets": summary}), indent=2,
+                                     allow_nan=False) + "\n")
     return md, js

@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from latentup.atomic import write_text_atomic
 from latentup.autoencoders import Autoencoder, load_autoencoder
 from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.evaluation.grids import save_grid
@@ -75,8 +76,7 @@ def check_settings(folder: Path, settings: dict) -> None:
     if changed:
         raise ConfigError(f"{folder} holds results of other settings ({', '.join(changed)}): "
                           "use another output_dir or delete that one")
-    folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**settings, "checkpoints": {**old, **new}}, indent=2, sort_keys=True) + "\n")
+    write_text_atomic(path, json.dumps({**settings, "checkpoints": {**old, **new}}, indent=2, sort_keys=True) + "\n")
 
 
 def check_loop(align: int, batch_size: int, grids: int, downscale: int = 8) -> None:

@@ -23,6 +23,7 @@ import regex
 import torch
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
+from latentup.atomic import write_text_atomic
 from latentup.errors import WeightsNotFoundError
 
 BOS, EOT = "<|startoftext|>", "<|endoftext|>"
@@ -127,13 +128,12 @@ def bundled_vocab() -> tuple[dict[str, int], list[tuple[str, str]]]:
 def write_hf_tokenizer_files(folder: str | Path, context_length: int = 77) -> Path:
     """Write the bundled vocabulary as a HF ``CLIPTokenizer`` folder (loads offline with ``from_pretrained``)."""
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = bundled_vocab()
     specials = {"bos_token": BOS, "eos_token": EOT, "unk_token": EOT, "pad_token": EOT}
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": context_length, "do_lower_case": True,
               "errors": "replace", "add_prefix_space": False, **specials}
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n", encoding="utf-8")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2), encoding="utf-8")
-    (folder / "special_tokens_map.json").write_text(json.dumps(specials, indent=2), encoding="utf-8")
+    write_text_atomic(folder / "vocab.json", json.dumps(vocab, ensure_ascii=False))
+    write_text_atomic(folder / "merges.txt", "#version: 0.2\n" + "\n".join(" ".join(p) for p in merges) + "\n")
+    write_text_atomic(folder / "tokenizer_config.json", json.dumps(config, indent=2))
+    write_text_atomic(folder / "special_tokens_map.json", json.dumps(specials, indent=2))
     return folder

@@ -8,6 +8,8 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
+from latentup.atomic import write_text_atomic
+
 
 class StepTimer(L.Callback):
     """Wall time of training batches (validation excluded), logged as ``train/steps_per_sec`` every
@@ -43,9 +45,7 @@ class StepTimer(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
-            folder = log_dir(trainer)
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / "timing.json").write_text(json.dumps(self.summary(), indent=2))
+            write_text_atomic(log_dir(trainer) / "timing.json", json.dumps(self.summary(), indent=2))
 
 
 def log_dir(trainer) -> Path:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from latentup.atomic import write_atomic, write_text_atomic
 from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.nn.unet import UNetConfig
 from latentup.training.module import as_unet_config
@@ -52,13 +53,10 @@ def export_diffusers_unet(folder: str | Path, config: UNetConfig, state: dict,
     """``folder/config.json`` + ``folder/diffusion_pytorch_model.safetensors`` (diffusers key names)."""
     diffusers_config = config.to_diffusers()  # raises for configs diffusers cannot build
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     tensors = {k: (v.to(dtype) if dtype is not None and v.is_floating_point() else v).contiguous()
                for k, v in state.items()}
-    tmp = folder / f".{DIFFUSERS_WEIGHTS}.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.replace(folder / DIFFUSERS_WEIGHTS)
-    (folder / "config.json").write_text(json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n")
+    write_atomic(folder / DIFFUSERS_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+    write_text_atomic(folder / "config.json", json.dumps(diffusers_config, indent=2, sort_keys=True) + "\n")
     return folder
 
 

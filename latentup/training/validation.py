@@ -13,6 +13,7 @@ from collections import defaultdict
 import numpy as np
 import torch
 
+from latentup.atomic import write_atomic
 from latentup.data.stream import mix_seed
 from latentup.diffusion.guidance import guided
 from latentup.diffusion.samplers import get_sampler
@@ -92,9 +93,8 @@ class Validator:
     @staticmethod
     def log_grid(module, grid, index: int) -> None:
         """PNG under ``<log dir>/val_grids/``, and an image in every logger that takes images (TensorBoard)."""
-        folder = log_dir(module.trainer) / "val_grids"
-        folder.mkdir(parents=True, exist_ok=True)
-        grid.save(folder / f"step{module.global_step:07d}_{index:03d}.png")
+        path = log_dir(module.trainer) / "val_grids" / f"step{module.global_step:07d}_{index:03d}.png"
+        write_atomic(path, lambda tmp: grid.save(tmp, format="PNG"))
         for logger in module.loggers:
             if hasattr(getattr(logger, "experiment", None), "add_image"):
                 logger.experiment.add_image(f"val/grid_{index}", np.asarray(grid), module.global_step, dataformats="HWC")
