@@ -8,7 +8,7 @@ For source image s (in sorted order) and its crops j:
 
 and, with ``pixels``, HR_sj itself (uint8), the target of a decoder-space loss against the true image.
 
-Run it as ``python train.py stage=prepare data=shards data.prepare.source=DIR data.root=OUT`` (or call
+Run it as ``python train.py stage=prepare data=shards data.prepare.settings.source=DIR data.root=OUT`` (or call
 :func:`prepare_pairs`). Interrupted runs resume after the last shard the manifest lists.
 """
 
