@@ -228,6 +228,23 @@ def test_taesd_matches_diffusers_autoencoder_tiny(weights_env, variant, tmp_path
 
 
 @needs_taesd
+def test_taesd_found_in_the_hugging_face_cache_without_weights_folder(weights_env, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    ours = TAESD.from_weights_folder("sd")
+    repo = tmp_path / "hub" / "models--madebyollin--taesd"
+    snapshot = repo / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    save_file(taesd_to_autoencoder_tiny(ours), snapshot / "diffusion_pytorch_model.safetensors")
+    monkeypatch.delenv("LATENTUP_WEIGHTS")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    cached = TAESD.from_weights_folder("sd", download=True)  # found in the cache: no download is tried
+    assert all(torch.equal(a, b) for a, b in zip(cached.state_dict().values(), ours.state_dict().values()))
+
+
+@needs_taesd
 def test_taesd_round_trip_psnr_on_a_photo(weights_env):
     x = photo("butterfly.png")
     real = TAESD.from_weights_folder("sd").eval()
