@@ -203,8 +203,9 @@ def test_taesd_real_weights_load_strictly(weights_env):
         assert model.latent_channels == channels
         assert all(p.dtype == torch.float32 for p in model.parameters())
         params[variant] = tuple(sum(p.numel() for p in part.parameters()) for part in (model.encoder, model.decoder))
-    assert params["sd"] == (1_222_532, 1_222_531)
-    print("TAESD encoder/decoder parameters:", params)
+    # 16 latent channels: encoder conv_out and decoder conv_in gain 12 x 64 x 9 weights (+ 12 biases in the encoder)
+    assert params == {"sd": (1_222_532, 1_222_531), "sdxl": (1_222_532, 1_222_531),
+                      "sd3": (1_229_456, 1_229_443), "flux": (1_229_456, 1_229_443)}
 
 
 @needs_taesd
@@ -315,17 +316,22 @@ def test_missing_weights_raise_weights_not_found(tmp_path, monkeypatch):
     no_weights = tmp_path / "vae_without_weights"
     no_weights.mkdir()
     (no_weights / "config.json").write_text(json.dumps(SMALL.to_diffusers()))
-    calls = [
-        lambda: TAESD.from_files(tmp_path / "no.safetensors", tmp_path / "no.safetensors"),
-        lambda: AutoencoderKL.from_single_file(tmp_path / "vae.safetensors"),
-        lambda: AutoencoderKL.from_diffusers(no_weights),
-        lambda: load_autoencoder(tmp_path / "nothing"),
-        lambda: load_autoencoder(None),
+    calls = [  # each message names what is missing and the fix
+        (lambda: TAESD.from_files(tmp_path / "no.safetensors", tmp_path / "no.safetensors"),
+         r"/no\.safetensors does not exist: check the path$"),
+        (lambda: AutoencoderKL.from_single_file(tmp_path / "vae.safetensors"),
+         r"/vae\.safetensors does not exist: check the path$"),
+        (lambda: AutoencoderKL.from_diffusers(no_weights),
+         r"no diffusion_pytorch_model\.safetensors \(or \.bin\) in .*/vae_without_weights: is this a complete"),
+        (lambda: load_autoencoder(tmp_path / "nothing"),
+         r"/nothing' is neither taesd, taesdxl, taesd3, taef1 nor a VAE file or a diffusers folder.*check the path$"),
+        (lambda: load_autoencoder(None),
+         r"^no autoencoder given: set LATENTUP_SD_VAE to a VAE path or pass autoencoder\.spec=taesd\|"),
     ]
-    for call in calls:
-        with pytest.raises(WeightsNotFoundError) as error:
+    for call, message in calls:
+        with pytest.raises(WeightsNotFoundError, match=message) as error:
             call()
-        print(error.value)
+        assert "\n" not in str(error.value)
 
 
 @needs_taesd

@@ -161,8 +161,9 @@ def test_shard_values_match_direct_encoding(images, taesd, tmp_path):
     hr, lr = pair(image, box)
     with torch.no_grad():
         expected = taesd.encode(hr[None])[0], taesd.encode(lr[None])[0]
-    assert torch.allclose(data[1]["hr"], expected[0], atol=2e-2)  # fp16 storage
-    assert torch.allclose(data[1]["lr"], expected[1], atol=2e-2)
+    # fp16 storage rounds |z| < 4 by at most 2^-11 * 4 = 9.8e-4 (measured 9.7e-4); LANCZOS / BOX LR: 5.6e-3 / 1.1e-2
+    assert torch.allclose(data[1]["hr"], expected[0], rtol=0, atol=2e-3)
+    assert torch.allclose(data[1]["lr"], expected[1], rtol=0, atol=2e-3)
 
 
 def test_dihedral_crops_are_turned_before_the_low_res_is_made_and_stored_with_pixels(images, taesd, tmp_path):
@@ -186,8 +187,8 @@ def test_dihedral_crops_are_turned_before_the_low_res_is_made_and_stored_with_pi
         assert torch.equal(data[6 + j]["hr_pixels"], (hr * 255).round().to(torch.uint8))  # what was encoded
         with torch.no_grad():
             expected = taesd.encode(hr[None])[0], taesd.encode(lr[None])[0]
-        assert torch.allclose(data[6 + j]["hr"], expected[0], atol=2e-2)  # fp16 storage
-        assert torch.allclose(data[6 + j]["lr"], expected[1], atol=2e-2)
+        assert torch.allclose(data[6 + j]["hr"], expected[0], rtol=0, atol=2e-3)  # fp16 storage, as above
+        assert torch.allclose(data[6 + j]["lr"], expected[1], rtol=0, atol=2e-3)
 
 
 def test_stream_is_split_invariant_and_resumable():

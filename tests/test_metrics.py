@@ -2,10 +2,14 @@
 
 import math
 import socket
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+import torchmetrics
+import torchvision
 from safetensors.torch import load_file
 from torchvision.transforms.functional import gaussian_blur
 
@@ -89,6 +93,35 @@ def test_lpips_identity_and_blur(metrics, photo):
     scores = [metrics(gaussian_blur(photo, 25, sigma), photo)["lpips"].item() for sigma in (0.5, 1.0, 2.0, 4.0)]
     assert all(a < b for a, b in zip(scores, scores[1:])), scores
     assert 0.005 < scores[0] < 0.1 and 0.2 < scores[-1] < 0.7, scores
+
+
+def _lpips_by_hand(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """LPIPS v0.1 (Zhang et al. 2018) on torchvision's AlexNet with the stored features and the v0.1 lin heads:
+    [0, 1] -> 2v - 1 -> (v - shift) / scale; per ReLU 1-5 unit-normalise channels, square the difference, weight
+    the channels (1x1 lin), average over space; sum over the layers."""
+    features = torchvision.models.alexnet().features.eval()
+    file = load_file(str(SHARED / "weights" / "lpips" / "alexnet_features.safetensors"))
+    features.load_state_dict({k.removeprefix("features."): v for k, v in file.items()})
+    heads = torch.load(Path(torchmetrics.__file__).parent / "functional" / "image" / "lpips_models" / "alex.pth",
+                       map_location="cpu", weights_only=True)
+    shift = torch.tensor([-0.030, -0.088, -0.188]).view(1, 3, 1, 1)
+    scale = torch.tensor([0.458, 0.448, 0.450]).view(1, 3, 1, 1)
+    a, b = [((2 * v - 1) - shift) / scale for v in (x, y)]
+    lins = iter(heads[f"lin{k}.model.1.weight"] for k in range(5))
+    total = torch.zeros(x.shape[0])
+    with torch.no_grad():
+        for i, layer in enumerate(features):
+            a, b = layer(a), layer(b)
+            if i in (1, 4, 7, 9, 11):
+                unit_a, unit_b = [f / (f.pow(2).sum(1, keepdim=True).sqrt() + 1e-10) for f in (a, b)]
+                total += F.conv2d((unit_a - unit_b) ** 2, next(lins)).mean((1, 2, 3))
+    return total
+
+
+def test_lpips_equals_the_published_formula(metrics, photo):
+    blurred = gaussian_blur(photo, 25, 1.0)
+    expected = _lpips_by_hand(blurred, photo).item()  # 0.20941; without the 2v - 1 mapping it would be 0.19242
+    assert metrics(blurred, photo)["lpips"].item() == pytest.approx(expected, rel=1e-5)
 
 
 def test_image_metrics_batch(metrics, photo):

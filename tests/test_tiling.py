@@ -60,9 +60,11 @@ def test_tiled_denoiser_is_exact_below_the_tile_and_close_above():
         expected = denoiser(latent, sigma, **cond)
         assert torch.equal(TiledDenoiser(denoiser, tile=32)(latent, sigma, **cond), expected)
         tiled = TiledDenoiser(denoiser, tile=16, overlap=8)(latent, sigma, **cond)
-    rel = ((tiled - expected).norm() / expected.norm()).item()
-    print(f"U-Net on 16-px tiles of a 32-px latent: relative L2 difference {rel:.3f}")
-    assert tiled.shape == expected.shape and rel < 0.3  # random weights, 16-px tiles: the smallest possible
+        abutting = TiledDenoiser(denoiser, tile=16, overlap=0)(latent, sigma, **cond)
+    rel, rel_abutting = [((t - expected).norm() / expected.norm()).item() for t in (tiled, abutting)]
+    print(f"U-Net on 16-px tiles of a 32-px latent: relative L2 difference {rel:.3f}, abutting {rel_abutting:.3f}")
+    assert tiled.shape == expected.shape
+    assert rel < 0.25 and rel < 0.85 * rel_abutting  # measured 0.213 vs 0.281: random weights, the smallest tiles
 
 
 @pytest.fixture(scope="module")
