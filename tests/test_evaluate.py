@@ -96,6 +96,7 @@ def test_rows(taesd):
     assert torch.equal(rows["model"], rows["latent-bicubic"])
     assert torch.equal(rows["pixel-bicubic-of-LR"], F.interpolate(lr, scale_factor=2, mode="bicubic").clamp(0, 1))
     with torch.no_grad():
+        assert torch.equal(rows["ceiling"], taesd.decode(taesd.encode(hr)))
         z = taesd.encode(lr)
         assert torch.equal(rows["latent-nearest"], taesd.decode(F.interpolate(z, scale_factor=2, mode="nearest")))
         assert torch.equal(rows["pixel-bicubic-of-decoded-LR"], bicubic2x(taesd.decode(z)).clamp(0, 1))

@@ -83,14 +83,46 @@ def test_api_batch_seeds_are_per_sample(pipeline_dir, reference):
     assert (single - ours[1:]).abs().max().item() <= 1e-5 * ours.abs().max().item()
 
 
-@pytest.mark.parametrize("size,mode", [((70, 45), "RGB"), ((64, 64), "RGBA"), ((40, 72), "L")])
-def test_any_size_and_mode(pipeline_dir, size, mode):
+@pytest.fixture(scope="module")
+def upscaler(pipeline_dir):
     from latentup.pipeline import Upscaler
 
-    upscaler = Upscaler.from_pretrained(pipeline_dir, dtype="float32")
+    return Upscaler.from_pretrained(pipeline_dir, dtype="float32")
+
+
+def reflect_padded(image: Image.Image) -> Image.Image:
+    """The size rule done by hand: RGB pixels reflected (edge not repeated) at the bottom / right to sides that are
+    multiples of 32 (4 latent px) and >= 64."""
+    w, h = image.size
+    pad = [(0, max(64, -(-h // 32) * 32) - h), (0, max(64, -(-w // 32) * 32) - w), (0, 0)]
+    return Image.fromarray(np.pad(np.asarray(image.convert("RGB")), pad, mode="reflect"))
+
+
+@pytest.mark.parametrize("size,mode", [((70, 45), "RGB"), ((64, 64), "RGBA"), ((40, 72), "L")])
+def test_any_size_and_mode(upscaler, size, mode):
+    """Colour: the upscale of the reflect-padded RGB pixels, cropped (greyscale back to L); alpha: bicubic 2x."""
     image = photo(size).convert(mode)
+    alpha = photo(size).getchannel("G")
+    if mode == "RGBA":
+        image.putalpha(alpha)
     out = upscaler.upscale_image(image, steps=2)
     assert out.size == (2 * size[0], 2 * size[1]) and out.mode == mode
+    padded = upscaler.upscale_image(reflect_padded(image), steps=2).crop((0, 0, *out.size))
+    got = np.asarray(out)
+    assert np.array_equal(got[..., :3] if mode == "RGBA" else got, np.asarray(padded.convert(mode.rstrip("A"))))
+    if mode == "RGBA":
+        assert np.array_equal(got[..., 3], np.asarray(alpha.resize(out.size, Image.BICUBIC)))
+
+
+def test_folder_and_list_use_seed_plus_index(upscaler, tmp_path):
+    for name in ("a.png", "b.png"):  # the same picture twice: only the seeds differ
+        photo((64, 64)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("not an image")
+    singles = [np.asarray(upscaler.upscale_image(tmp_path / "a.png", seed=5 + i, steps=2)) for i in range(2)]
+    assert np.abs(singles[0].astype(np.int16) - singles[1]).max() > 8
+    for images in (tmp_path, [photo((64, 64)), tmp_path / "b.png"]):
+        outs = upscaler(images, seed=5, steps=2)
+        assert len(outs) == 2 and all(np.array_equal(np.asarray(o), s) for o, s in zip(outs, singles))
 
 
 def test_exif_orientation_is_honoured(pipeline_dir, tmp_path):

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import uuid
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -26,6 +27,8 @@ def run(pipeline_dir, tasks, tmp_path):
 
 
 def test_upscale_tasks(pipeline_dir, tmp_path):
+    from latentup.pipeline import Upscaler
+
     photo = Image.open(SHARED / "datasets/eval/Set5/bird.png").convert("RGB").resize((64, 48))
     photo.save(tmp_path / "in.png")
     buffer = io.BytesIO()
@@ -47,6 +50,17 @@ def test_upscale_tasks(pipeline_dir, tmp_path):
     assert data[0]["cost"] == 0.0 and data[0]["seed"] == 7
     path = data[0]["imageURL"].removeprefix("file://")
     assert Image.open(path).size == (128, 96)
+    # the settings reach the upscaler under their API names: the PNG is upscale_image with them (float -> uint8
+    # rounding may differ by 1 between processes), and changing any one of them (to its default, bar steps and seed)
+    # changes the image
+    upscaler = Upscaler.from_pretrained(pipeline_dir, dtype="float32")
+    given = {"prompt": "a bird", "negative_prompt": "blur", "steps": 3, "seed": 7, "cfg_scale": 4, "clip_skip": 2}
+    expected = np.asarray(upscaler.upscale_image(tmp_path / "in.png", **given), dtype=np.int16)
+    assert np.abs(np.asarray(Image.open(path), dtype=np.int16) - expected).max() <= 1
+    changed = {"prompt": "", "negative_prompt": "", "steps": 2, "seed": 8, "cfg_scale": 0, "clip_skip": 1}
+    for key, value in changed.items():
+        other = np.asarray(upscaler.upscale_image(tmp_path / "in.png", **{**given, key: value}), dtype=np.int16)
+        assert np.abs(other - expected).max() > 8, key
     assert uuid.UUID(data[0]["imageUUID"]).version == 4 and data[0]["inputImageUUID"] == data[1]["inputImageUUID"]
     assert data[1]["imageDataURI"].startswith("data:image/webp;base64,")
     webp = Image.open(io.BytesIO(base64.b64decode(data[1]["imageDataURI"].partition(",")[2])))
