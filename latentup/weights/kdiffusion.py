@@ -127,6 +127,9 @@ def config_from_state_dict(state_dict: Mapping[str, torch.Tensor], head_dim: int
 def _read_state_dict(path: Path) -> Mapping[str, torch.Tensor]:
     obj = read_state_dict(path)
     state = next((obj[k] for k in ("model_ema", "model") if k in obj), obj)
+    if any(k.startswith("unet.") for k in state):
+        raise WeightsMismatchError(f"{path} holds latentup tensors (unet.*) without latentup's metadata: save it with "
+                                   "latentup.weights.single_file.save_upscaler or train.py stage=export")
     if not isinstance(state, Mapping) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise WeightsMismatchError(f"{path} holds no state dict (looked for 'model_ema', 'model' or a bare dict "
                                    "of tensors); pass a k-diffusion checkpoint")

@@ -60,7 +60,13 @@ def load_upscaler(path) -> UpscalerFile:
                 "pass a diffusers folder, a k-diffusion checkpoint or a file written by latentup"
             )
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        config, meta = json.loads(metadata["unet_config"]), json.loads(metadata.get("meta", "{}"))
+    except (KeyError, json.JSONDecodeError) as error:
+        raise WeightsMismatchError(f"{path} has unreadable latentup metadata ({type(error).__name__}: {error}); "
+                                   "export the weights again (train.py stage=export)") from None
+    if not isinstance(config, dict) or not isinstance(meta, dict):
+        raise WeightsMismatchError(f"{path}: latentup metadata unet_config and meta must be JSON objects; "
+                                   "export the weights again (train.py stage=export)")
     unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-    return UpscalerFile(
-        json.loads(metadata["unet_config"]), unet, tensors.get("noise_fourier.weight"), json.loads(metadata.get("meta", "{}"))
-    )
+    return UpscalerFile(config, unet, tensors.get("noise_fourier.weight"), meta)
