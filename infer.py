@@ -104,7 +104,7 @@ def run(cfg: DictConfig) -> None:
     print(f"wrote {output} ({image.width}x{image.height} -> {2 * image.width}x{2 * image.height})")
 
 
-@hydra.main(version_base=None, config_path="configs", config_name="infer")
+@hydra.main(version_base=None, config_path="configs/infer", config_name="infer")
 def main(cfg: DictConfig) -> None:
     with exit_on_error():
         run(cfg)
