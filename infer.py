@@ -7,6 +7,8 @@
 """
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import hydra
@@ -14,7 +16,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from latentup.errors import ConfigError, InputError, LatentupError, exit_on_error
-from latentup.imageio import list_images, load_image, load_latent, save_image, save_latent
+from latentup.imageio import image_format, list_images, load_image, load_latent, save_image, save_latent
+
+
+def _path(value) -> Path:
+    """A path from a Hydra value (which reads a name such as ``123`` as a number)."""
+    return Path(str(value))
 
 
 def _default_output(source: Path, suffix: str | None = None) -> Path:
@@ -29,40 +36,59 @@ def _settings(cfg: DictConfig) -> dict:
     return {k: cfg[k] for k in keys}
 
 
-def _check_settings(settings: dict) -> None:
+def _speed(cfg: DictConfig) -> dict:
+    return {k: cfg[k] for k in ("unet_tile", "vae_tile", "channels_last", "compile", "winograd")}
+
+
+def _check_options(cfg: DictConfig, settings: dict) -> None:
     """Validate values before any weights are loaded, so bad input fails fast."""
-    from latentup.pipeline import Settings
+    from latentup.devices import resolve_device
+    from latentup.pipeline import Settings, check_flag, check_speed, resolve_dtype
 
     Settings(**{k: v for k, v in settings.items() if v is not None}).validate()
+    resolve_dtype(cfg.dtype, resolve_device(cfg.device))
+    check_speed(**_speed(cfg))
+    check_flag("download", cfg.download)
+    check_flag("progress", cfg.progress)
+
+
+def _check_writable(path: Path, folder: bool = False) -> None:
+    """Before any work: an InputError unless the file (or ``folder``) ``path`` can be written."""
+    if os.path.exists(path) and path.is_dir() != folder:
+        raise InputError(f"output {path} is an existing {'file' if folder else 'folder'}: choose another output path")
+    target = (path if folder else path.parent).absolute()
+    existing = next(p for p in (target, *target.parents) if os.path.exists(p))  # folders below it get created
+    try:
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError as error:
+        raise InputError(f"cannot write {path}: {existing} is not a writable folder ({error.strerror}): "
+                         "choose another output path") from None
 
 
 def _load(cfg: DictConfig):
-    import torch
-
     from latentup.pipeline import Upscaler, default_weights
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
     weights = cfg.weights if cfg.weights is not None else default_weights()
-    return Upscaler.from_pretrained(weights, device=device, dtype=cfg.dtype, autoencoder=cfg.autoencoder,
-                                    text_encoder=cfg.text_encoder, download=cfg.download, unet_tile=cfg.unet_tile,
-                                    vae_tile=cfg.vae_tile, channels_last=cfg.channels_last, compile=cfg.compile,
-                                    winograd=cfg.winograd)
+    return Upscaler.from_pretrained(weights, device=cfg.device, dtype=cfg.dtype, autoencoder=cfg.autoencoder,
+                                    text_encoder=cfg.text_encoder, download=cfg.download, **_speed(cfg))
 
 
 def run(cfg: DictConfig) -> None:
     settings = _settings(cfg)
-    _check_settings(settings)
+    _check_options(cfg, settings)
     if cfg.task is not None:
         from latentup.serve.tasks import run_tasks, validate_tasks
 
-        path = Path(cfg.task)
+        path = _path(cfg.task)
         try:
             tasks = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as error:
             reason = type(error).__name__
             raise InputError(f"task file {path} is not readable JSON ({reason}): check the file") from None
         validate_tasks(tasks)
-        response = run_tasks(_load(cfg), tasks, Path(cfg.output or "outputs"), progress=cfg.progress)
+        output = _path(cfg.output or "outputs")
+        _check_writable(output, folder=True)
+        response = run_tasks(_load(cfg), tasks, output, progress=cfg.progress)
         print(json.dumps(response, indent=2))
         if "errors" in response:
             first = response["errors"][0]["message"]
@@ -70,16 +96,17 @@ def run(cfg: DictConfig) -> None:
         return
     if cfg.input is None:
         raise ConfigError("nothing to do: pass input=IMAGE|FOLDER|LATENT.safetensors or task=FILE.json")
-    source = Path(cfg.input)
+    source = _path(cfg.input)
     if not source.exists():
         raise InputError(f"input {source} does not exist: check the path")
     if source.suffix == ".safetensors":
         latent = load_latent(source)
-        output = Path(cfg.output) if cfg.output else _default_output(source)
+        output = _path(cfg.output) if cfg.output else _default_output(source)
         if settings["colour_fix"]:
             raise ConfigError("colour_fix acts on images, but a latent input gives a latent output: drop colour_fix")
         if output.suffix != ".safetensors":
             raise ConfigError(f"a latent input needs a .safetensors output, got {output}")
+        _check_writable(output)
         upscaler = _load(cfg)
         save_latent(upscaler.upscale_latent(latent, progress=cfg.progress, **settings), output)
         print(f"wrote {output} {tuple(latent.shape)} -> 2x")
@@ -88,17 +115,21 @@ def run(cfg: DictConfig) -> None:
         files = list_images(source)
         for file in files:  # fail on a corrupt file before any work
             load_image(file)
-        output = Path(cfg.output) if cfg.output else _default_output(source)
+        output = _path(cfg.output) if cfg.output else _default_output(source)
+        for file in files:  # every target before the first write
+            _check_writable(output / file.name)
         upscaler = _load(cfg)
-        seed = settings.pop("seed")
+        seed = settings.pop("seed") or 0  # null: the default
         for i, file in enumerate(tqdm(files, desc="upscaling", disable=not cfg.progress)):
             save_image(upscaler.upscale_image(file, seed=seed + i, **settings), output / file.name)
         print(f"wrote {len(files)} images to {output}")
         return
     image = load_image(source)
-    output = Path(cfg.output) if cfg.output else _default_output(source, ".png")
-    if output.exists() and output.is_dir():
+    output = _path(cfg.output) if cfg.output else _default_output(source, ".png")
+    if output.is_dir():
         output = output / source.name
+    image_format(output)
+    _check_writable(output)
     upscaler = _load(cfg)
     save_image(upscaler.upscale_image(image, progress=cfg.progress, **settings), output)
     print(f"wrote {output} ({image.width}x{image.height} -> {2 * image.width}x{2 * image.height})")

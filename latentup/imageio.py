@@ -23,8 +23,12 @@ def load_image(path) -> Image.Image:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image)
+    except Image.DecompressionBombError as error:  # the header's size is over PIL's limit: refused before decoding
+        size = str(error).split(",")[0]
+        raise InputError(f"input {path} is too large to open ({size}): downscale or crop it first") from None
     except (UnidentifiedImageError, OSError, ValueError) as error:
-        raise InputError(f"input {path} is not a readable image ({error.__class__.__name__}): use a PNG/JPEG/WEBP file") from None
+        raise InputError(f"input {path} is not a readable image ({error.__class__.__name__}): "
+                         "use a PNG/JPEG/WEBP file") from None
 
 
 def list_images(folder) -> list[Path]:
@@ -88,19 +92,26 @@ def pad_to_multiple(x: torch.Tensor, multiple: int, minimum: int) -> tuple[torch
     return x.index_select(-1, _reflect_index(w, tw).to(x.device)), (h, w)
 
 
+def image_format(path) -> str:
+    """The PIL format that the suffix of ``path`` names; an InputError for an unknown suffix."""
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt is None:
+        raise InputError(f"cannot write {path}: unknown image suffix, use .png, .jpg or .webp")
+    return fmt
+
+
 def save_image(image: Image.Image, path, quality: int = 95) -> Path:
     """Write an image atomically; the format follows the suffix (JPEG drops alpha)."""
     path = Path(path)
-    fmt = Image.registered_extensions().get(path.suffix.lower())
-    if fmt is None:
-        raise InputError(f"cannot write {path}: unknown image suffix, use .png, .jpg or .webp")
+    fmt = image_format(path)
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
     return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality))
 
 
 def load_latent(path) -> torch.Tensor:
-    """A latent [B, C, h, w] (SD-scaled) from key ``latent`` of a safetensors file."""
+    """A latent [B, C, h, w] (SD-scaled) from key ``latent`` of a safetensors file; a one-line InputError when it is
+    missing, unreadable, empty or not finite."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"input latent {path} does not exist: check the path")
@@ -109,12 +120,16 @@ def load_latent(path) -> torch.Tensor:
     except (SafetensorError, OSError, ValueError) as error:
         raise InputError(f"{path} is not a readable safetensors file ({error.__class__.__name__})") from None
     if "latent" not in tensors:
-        raise InputError(f"{path} has no tensor named 'latent' (found: {', '.join(tensors) or 'none'}): save it under 'latent'")
+        found = ", ".join(tensors) or "none"
+        raise InputError(f"{path} has no tensor named 'latent' (found: {found}): save it under 'latent'")
     latent = tensors["latent"]
     latent = latent[None] if latent.ndim == 3 else latent
-    if latent.ndim != 4:
-        raise InputError(f"latent in {path} has shape {tuple(latent.shape)}: expected [B, C, h, w] or [C, h, w]")
-    return latent.float()
+    if latent.ndim != 4 or not latent.numel():
+        raise InputError(f"latent in {path} has shape {tuple(latent.shape)}: use a non-empty [B, C, h, w] or [C, h, w]")
+    latent = latent.float()
+    if not latent.isfinite().all():
+        raise InputError(f"latent in {path} holds NaN or infinite values: save a finite one (e.g. re-encode the image)")
+    return latent
 
 
 def save_latent(latent: torch.Tensor, path) -> Path:

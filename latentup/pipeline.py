@@ -12,6 +12,7 @@ denoiser / autoencoder above a latent size. Below the tile sizes none of them ch
 rounding.
 """
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,8 @@ import torch
 from PIL import Image
 
 from latentup.autoencoders import Autoencoder, load_autoencoder
-from latentup.colour_fix import check_colour_fix, colour_fix
+from latentup.colour_fix import colour_fix
+from latentup.devices import resolve_device
 from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
 from latentup.diffusion.guidance import guided
 from latentup.diffusion.precond import KarrasDenoiser
@@ -36,6 +38,24 @@ from latentup.weights.strict import load_strict
 VAE_TILE = 128  # default autoencoder tile (latent px): outputs up to 1024 px decode whole
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+MAX_STEPS = 1000  # the length of SD's training noise table; more steps only cost time
+MAX_SEED = 2**63 - 1
+NUMBER_HINTS = {"cfg_scale": "0 = no guidance, > 1 = classifier-free guidance", "noise_level": "0 = no augmentation",
+                "colour_fix": "a blur sigma in output px, 0 = off"}
+
+
+def _check_int(name: str, value, low: int, high: int | None, hint: str) -> None:
+    """A ConfigError unless ``value`` is an int (not a bool) in low..high (no upper bound for None)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        bounds = f">= {low}" + (f" and <= {high}" if high is not None else "")
+        raise ConfigError(f"{name} must be {bounds} (an integer), got {value!r}: {hint}")
+
+
+def check_flag(name: str, value) -> None:
+    """A ConfigError unless ``value`` is a bool or None."""
+    if value is not None and not isinstance(value, bool):
+        raise ConfigError(f"{name} must be true, false or null, got {value!r}: pass {name}=true or {name}=false")
 
 
 @dataclass
@@ -44,21 +64,31 @@ class Settings:
 
     prompt: str | list[str] = ""  # [positivePrompt]
     negative_prompt: str | list[str] = ""  # [negativePrompt]
-    seed: int | list[int] = 0  # [seed]; sample i of a batch uses seed + i
-    steps: int = 20  # [steps]
+    seed: int | list[int] = 0  # [seed]; 0..MAX_SEED, sample i of a batch uses seed + i
+    steps: int = 20  # [steps]; 1..MAX_STEPS
     cfg_scale: float = 0.0  # [CFGScale]; <= 1 disables guidance, 0 also empties the prompt (as diffusers)
     sampler: str = "euler"
     schedule: str = "log_linear"
-    clip_skip: int = 1  # [clipSkip]; 1 (or 0) = last layer
+    clip_skip: int = 1  # [clipSkip]; 1 (or 0) = last layer, at most the text tower's depth
     noise_level: float = 0.0  # low-res noise augmentation sigma_lr (needs k-diffusion/latentup weights)
     colour_fix: float = 0.0  # image outputs: low band (Gaussian sigma, output px) from the input; 0 = off
 
     def validate(self):
+        """One-line ConfigErrors for values of the wrong type or out of range; returns self."""
         get_sampler(self.sampler)
+        _check_int("steps", self.steps, 1, MAX_STEPS, "e.g. steps=20")
         make_sigmas(self.schedule, self.steps)
-        if self.noise_level < 0:
-            raise ConfigError(f"noise_level must be >= 0, got {self.noise_level}")
-        check_colour_fix(self.colour_fix)
+        for seed in self.seed if isinstance(self.seed, (list, tuple)) else [self.seed]:
+            _check_int("seed", seed, 0, MAX_SEED, "e.g. seed=0")
+        _check_int("clip_skip", self.clip_skip, 0, None, "0 or 1 = last CLIP layer, 2 = penultimate")
+        for name in ("prompt", "negative_prompt"):
+            value = getattr(self, name)
+            if not all(isinstance(text, str) for text in (value if isinstance(value, (list, tuple)) else [value])):
+                raise ConfigError(f"{name} must be text or a list of texts, got {value!r}: quote it ({name}='...')")
+        for name, hint in NUMBER_HINTS.items():
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+                raise ConfigError(f"{name} must be >= 0 (a finite number; {hint}), got {value!r}")
         return self
 
 
@@ -87,6 +117,17 @@ def resolve_dtype(dtype, device) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def check_speed(unet_tile=None, vae_tile=VAE_TILE, channels_last=None, compile=None, winograd=None) -> None:
+    """One-line ConfigErrors for bad :meth:`Upscaler.configure` knobs, before any weights are loaded."""
+    for name, tile in (("unet_tile", unet_tile), ("vae_tile", vae_tile)):
+        if tile is not None:
+            _check_int(name, tile, 1, None, f"pass a side in latent px (e.g. {name}=128), or null for no tiling")
+    if compile is not None and compile not in COMPILE_MODES:
+        raise ConfigError(f"unknown compile mode {compile!r}: use {', '.join(COMPILE_MODES)}, or null for eager")
+    check_flag("channels_last", channels_last)
+    check_flag("winograd", winograd)
+
+
 def _as_list(value, n: int, name: str) -> list:
     values = list(value) if isinstance(value, (list, tuple)) else [value] * n
     if len(values) != n:
@@ -99,6 +140,9 @@ class Upscaler:
 
     def __init__(self, unet: UNet, autoencoder: Autoencoder, text=None, noise_fourier=None, meta: dict | None = None,
                  **speed):
+        if autoencoder.latent_channels != unet.config.in_channels // 2:
+            raise ConfigError(f"the autoencoder makes {autoencoder.latent_channels}-channel latents but these weights "
+                              f"expect {unet.config.in_channels // 2}: pass the autoencoder they were trained with")
         self.unet, self.autoencoder, self.text = unet.eval(), autoencoder.eval(), text
         self.configure(**speed)
         self.noise_fourier = noise_fourier
@@ -106,7 +150,8 @@ class Upscaler:
         cfg = unet.config
         self.pooled_dim = cfg.mapping_cond_dim - 128 if cfg.mapping_cond_dim > 128 else 0
         if (cfg.cross_attention_dim or self.pooled_dim) and text is None:
-            raise ConfigError("these weights are text-conditioned but no text encoder was given: pass text_encoder=PATH")
+            raise ConfigError("these weights are text-conditioned but no text encoder was given: "
+                              "pass text_encoder=PATH")
 
     def configure(self, *, unet_tile: int | None = None, vae_tile: int | None = VAE_TILE,
                   channels_last: bool | None = None, compile: str | None = None,
@@ -117,9 +162,15 @@ class Upscaler:
         the deepest level's self-attention then sees one tile). vae_tile: the same for the autoencoder's encode and
         decode (None: never). channels_last: NHWC weights, so activations follow (None: on CUDA only).
         compile: a ``torch.compile`` mode for the U-Net ("default", "reduce-overhead" adds CUDA graphs,
-        "max-autotune"), or None for eager. winograd: the U-Net's 3×3 convolutions as Winograd F(4×4, 3×3)
-        (``latentup.nn.winograd``; CPU float32 only, within ~2e-5 relative; None: on where it applies).
+        "max-autotune", "max-autotune-no-cudagraphs"), or None for eager. winograd: the U-Net's 3×3 convolutions as
+        Winograd F(4×4, 3×3) (``latentup.nn.winograd``; CPU float32 only, within ~2e-5 relative; None: on where it
+        applies). Bad values fail with a one-line ConfigError before anything changes.
         """
+        check_speed(unet_tile, vae_tile, channels_last, compile, winograd)
+        align = 2 ** (len(self.unet.config.channels) - 1)
+        if unet_tile is not None and unet_tile % align:
+            raise ConfigError(f"unet_tile must be a multiple of {align} for these weights, got {unet_tile}: "
+                              f"e.g. unet_tile={max(align, unet_tile // align * align)}")
         nhwc = channels_last if channels_last is not None else self.device.type == "cuda"
         fast_convs = winograd if winograd is not None else self.device.type == "cpu" and self.dtype == torch.float32
         for module in self.unet.modules():
@@ -131,7 +182,7 @@ class Upscaler:
         network = torch.compile(self.unet, mode=compile) if compile else self.unet
         self.denoiser = KarrasDenoiser(network)
         if unet_tile is not None:
-            self.denoiser = TiledDenoiser(self.denoiser, unet_tile, align=2 ** (len(self.unet.config.channels) - 1))
+            self.denoiser = TiledDenoiser(self.denoiser, unet_tile, align=align)
         return self
 
     @property
@@ -143,8 +194,8 @@ class Upscaler:
         return next(self.unet.parameters()).dtype
 
     @classmethod
-    def from_pretrained(cls, weights, *, device="cpu", dtype="auto", autoencoder=None, text_encoder=None, download=False,
-                        **speed):
+    def from_pretrained(cls, weights, *, device="cpu", dtype="auto", autoencoder=None, text_encoder=None,
+                        download=False, **speed):
         """Load any supported weights (diffusers folder, latentup file, k-diffusion checkpoint).
 
         ``autoencoder``: an Autoencoder, or a spec for :func:`load_autoencoder` ("taesd", a vae/ folder, a file);
@@ -152,7 +203,10 @@ class Upscaler:
         CLIPTextConditioner or a HF CLIPTextModel folder; defaults to the weights' own ``text_encoder/``.
         ``speed``: the knobs of ``configure``.
         """
+        device = resolve_device(device)
         dtype = resolve_dtype(dtype, device)
+        check_flag("download", download)
+        check_speed(**speed)
         parts = resolve_weights(weights)
         unet = load_strict(UNet(parts.unet_config), parts.unet_state, "U-Net").to(device, dtype)
         spec = autoencoder if autoencoder is not None else parts.autoencoder
@@ -196,8 +250,11 @@ class Upscaler:
     def sample(self, low_res: torch.Tensor, generators: list[torch.Generator], settings: Settings, progress=False):
         """2x latent for an SD-scaled low-res latent [B, C, h, w] (sides multiples of 4, >= 8)."""
         batch, channels, h, w = low_res.shape
-        if channels != self.unet.config.in_channels // 2:
-            raise InputError(f"latent has {channels} channels but the model expects {self.unet.config.in_channels // 2}")
+        expected = self.unet.config.in_channels // 2
+        if channels != expected:
+            name = self.meta.get("autoencoder") or type(self.autoencoder).__name__
+            raise InputError(f"latent has {channels} channels but the model expects {expected}: use a latent made by "
+                             f"the autoencoder these weights were trained with ({name}), or pass the image instead")
         sigmas = make_sigmas(settings.schedule, settings.steps)
         noise = [torch.randn((1, channels, 2 * h, 2 * w), generator=g, dtype=torch.float32) for g in generators]
         x = torch.cat(noise).to(self.device) * sigmas[0]
@@ -216,7 +273,10 @@ class Upscaler:
     def settings(self, **given) -> Settings:
         """Settings from the caller's values, else the weights' recommended ones, else the defaults."""
         recommended = {k: v for k, v in self.meta.get("recommended", {}).items() if k in Settings.__dataclass_fields__}
-        return Settings(**{**recommended, **{k: v for k, v in given.items() if v is not None}}).validate()
+        settings = Settings(**{**recommended, **{k: v for k, v in given.items() if v is not None}}).validate()
+        if self.text is not None:
+            self.text.context_layer(settings.clip_skip)  # clip_skip beyond the text tower's layers fails here
+        return settings
 
     def generators(self, seed, batch: int) -> list[torch.Generator]:
         seeds = seed if isinstance(seed, (list, tuple)) else [seed + i for i in range(batch)]

@@ -1,7 +1,9 @@
 """End to end against diffusers' StableDiffusionLatentUpscalePipeline on a random-weight pipeline folder."""
 
+import struct
 import subprocess
 import sys
+import zlib
 
 import numpy as np
 import pytest
@@ -30,8 +32,8 @@ def reference(pipeline_dir):
 
 
 def infer(*args) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "infer.py"), *args, "progress=false"], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    return subprocess.run([sys.executable, str(REPO / "infer.py"), *args, "progress=false"], capture_output=True,
+                          text=True, cwd=REPO, timeout=600)
 
 
 def sampling_args(pipeline_dir):
@@ -48,7 +50,8 @@ def test_cli_latent_equals_diffusers(pipeline_dir, reference, tmp_path):
     save_file({"latent": latent}, tmp_path / "in.safetensors")
     expected = reference(prompt=PROMPT, negative_prompt=NEGATIVE, image=latent, num_inference_steps=STEPS,
                          guidance_scale=CFG, generator=torch.Generator().manual_seed(SEED), output_type="latent").images
-    result = infer(*sampling_args(pipeline_dir), f"input={tmp_path / 'in.safetensors'}", f"output={tmp_path / 'out.safetensors'}")
+    result = infer(*sampling_args(pipeline_dir), f"input={tmp_path / 'in.safetensors'}",
+                   f"output={tmp_path / 'out.safetensors'}")
     assert result.returncode == 0, result.stderr
     ours = load_file(tmp_path / "out.safetensors")["latent"]
     assert ours.shape == (1, 4, 16, 24)
@@ -135,34 +138,199 @@ def test_exif_orientation_is_honoured(pipeline_dir, tmp_path):
     assert load_image(tmp_path / "rotated.jpg").size == (64, 96)
 
 
+def huge_png(path):
+    """A PNG whose header claims 100000 x 100000 pixels (PIL refuses it before decoding)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", 100000, 100000, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
         (["input=/nonexistent/photo.png"], "does not exist"),
         (["input={corrupt}"], "not a readable image"),
+        (["input={huge}"], "too large to open (Image size (10000000000 pixels)"),
         (["weights=/nonexistent/weights", "input={photo}"], "do not exist"),
         (["weights={mismatched}", "input={photo}"], "do not fit"),
         (["input={photo}", "steps=0"], "steps must be >= 1"),
+        (["input={photo}", "steps=abc"], "steps must be >= 1 and <= 1000 (an integer), got 'abc'"),
+        (["input={photo}", "seed=-1"], "seed must be >= 0"),
+        (["input={photo}", "cfg_scale=nan"], "cfg_scale must be >= 0 (a finite number"),
+        (["input={photo}", "clip_skip=5"], "clip_skip must be an integer in 0..3"),
         (["input={photo}", "sampler=plms"], "unknown sampler"),
         (["input={photo}", "colour_fix=-1"], "colour_fix must be >= 0"),
+        (["input={photo}", "vae_tile=0"], "vae_tile must be >= 1"),
+        (["input={photo}", "compile=foo"], "use default, reduce-overhead, max-autotune, max-autotune-no-cudagraphs"),
+        (["input={photo}", "download=maybe"], "download must be true, false or null"),
+        (["input={photo}", "device=foo"], "device='foo' is not a torch device"),
+        (["input={photo}", "output={file}/out.png"], "is not a writable folder (Not a directory)"),
+        (["input={photo}", "output={tmp}/out.xyz"], "unknown image suffix"),
         (["input={latent}", "colour_fix=1"], "colour_fix acts on images"),
+        (["input={nan}", "output={tmp}/out.safetensors"], "holds NaN or infinite values"),
+        (["input={empty}", "output={tmp}/out.safetensors"], "has shape (1, 4, 0, 8): use a non-empty"),
+        (["input={rgb}", "output={tmp}/out.safetensors"], "the model expects 4: use a latent made by the autoencoder"),
+        (["input={latent}", "output={file}/out.safetensors"], "is not a writable folder"),
     ],
 )
 def test_cli_bad_input(pipeline_dir, tmp_path, args, message):
+    """One `error:` line, exit status 2, and nothing written."""
     from latentup.imageio import save_latent
     from latentup.weights.single_file import save_upscaler
 
     (tmp_path / "corrupt.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "file").write_text("a file, not a folder")
     photo().save(tmp_path / "photo.png")
     save_upscaler(tmp_path / "mismatched.safetensors", {"conv_in.weight": torch.zeros(3, 3)},
                   {"channels": [32, 32, 64, 64]}, meta={"autoencoder": "taesd"})
-    save_latent(torch.zeros(1, 4, 8, 8), tmp_path / "latent.safetensors")
-    paths = {"corrupt": tmp_path / "corrupt.png", "photo": tmp_path / "photo.png",
-             "mismatched": tmp_path / "mismatched.safetensors", "latent": tmp_path / "latent.safetensors"}
+    latents = {"latent": torch.zeros(1, 4, 8, 8), "nan": torch.full((1, 4, 8, 8), float("nan")),
+               "empty": torch.zeros(1, 4, 0, 8), "rgb": torch.zeros(1, 3, 8, 8)}
+    for name, latent in latents.items():
+        save_latent(latent, tmp_path / f"{name}.safetensors")
+    paths = {"corrupt": tmp_path / "corrupt.png", "photo": tmp_path / "photo.png", "huge": huge_png(tmp_path / "x.png"),
+             "mismatched": tmp_path / "mismatched.safetensors", "file": tmp_path / "file", "tmp": tmp_path,
+             **{name: tmp_path / f"{name}.safetensors" for name in latents}}
+    before = sorted(tmp_path.rglob("*"))
     weights = [] if any(a.startswith("weights=") for a in args) else [f"weights={pipeline_dir}"]
-    output = tmp_path / "out.png"
-    result = infer(*weights, *[a.format(**paths) for a in args], f"output={output}")
+    output = [] if any(a.startswith("output=") for a in args) else [f"output={tmp_path / 'out.png'}"]
+    result = infer(*weights, *[a.format(**paths) for a in args], *output)
     assert result.returncode == 2
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
-    assert not output.exists() and not list(tmp_path.glob(".out*"))
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_cli_folder_checks_every_target_first(pipeline_dir, tmp_path):
+    """A folder run whose second target is an existing folder fails before the first image is written."""
+    for name in ("a.png", "b.png"):
+        photo((64, 64)).save(tmp_path / name)
+    (tmp_path / "out" / "b.png").mkdir(parents=True)
+    result = infer(f"weights={pipeline_dir}", f"input={tmp_path}", f"output={tmp_path / 'out'}", "steps=1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"output {tmp_path / 'out' / 'b.png'} is an existing folder" in result.stderr
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["b.png"]
+
+
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        ({"steps": "abc"}, "steps must be >= 1 and <= 1000 (an integer), got 'abc'"),
+        ({"steps": 1.5}, "steps must be >= 1 and <= 1000 (an integer), got 1.5"),
+        ({"steps": 10**11}, "steps must be >= 1 and <= 1000"),
+        ({"steps": True}, "steps must be >= 1"),
+        ({"seed": "abc"}, "seed must be >= 0 and <= 9223372036854775807 (an integer), got 'abc'"),
+        ({"seed": 1e30}, "seed must be >= 0"),
+        ({"seed": 2**63}, "seed must be >= 0 and <= 9223372036854775807"),
+        ({"seed": -1}, "seed must be >= 0"),
+        ({"seed": [1, -2]}, "seed must be >= 0"),
+        ({"cfg_scale": float("nan")}, "cfg_scale must be >= 0 (a finite number"),
+        ({"cfg_scale": float("inf")}, "cfg_scale must be >= 0"),
+        ({"cfg_scale": -1}, "cfg_scale must be >= 0"),
+        ({"cfg_scale": "7"}, "cfg_scale must be >= 0"),
+        ({"colour_fix": "abc"}, "colour_fix must be >= 0 (a finite number; a blur sigma"),
+        ({"colour_fix": float("nan")}, "colour_fix must be >= 0"),
+        ({"noise_level": float("inf")}, "noise_level must be >= 0"),
+        ({"noise_level": "abc"}, "noise_level must be >= 0"),
+        ({"clip_skip": -1}, "clip_skip must be >= 0 (an integer), got -1: 0 or 1 = last CLIP layer"),
+        ({"clip_skip": "2"}, "clip_skip must be >= 0"),
+        ({"prompt": 123}, "prompt must be text or a list of texts"),
+        ({"negative_prompt": ["ok", None]}, "negative_prompt must be text or a list of texts"),
+    ],
+)
+def test_settings_reject_bad_values(given, message):
+    from latentup.errors import ConfigError
+    from latentup.pipeline import Settings
+
+    with pytest.raises(ConfigError) as error:
+        Settings(**given).validate()
+    assert message in str(error.value)
+
+
+def test_settings_accept_the_extremes():
+    from latentup.pipeline import MAX_SEED, MAX_STEPS, Settings
+
+    Settings(steps=MAX_STEPS, seed=MAX_SEED, cfg_scale=7.5, clip_skip=0, colour_fix=1, noise_level=0.5).validate()
+    Settings(steps=1, seed=[0, MAX_SEED], prompt=["a", "b"], cfg_scale=0).validate()
+
+
+@pytest.mark.parametrize(
+    "knobs,message",
+    [
+        ({"vae_tile": 0}, "vae_tile must be >= 1 (an integer), got 0"),
+        ({"vae_tile": "abc"}, "vae_tile must be >= 1"),
+        ({"unet_tile": 0}, "unet_tile must be >= 1"),
+        ({"compile": "foo"}, "unknown compile mode 'foo': use default, reduce-overhead"),
+        ({"winograd": "abc"}, "winograd must be true, false or null"),
+        ({"channels_last": "abc"}, "channels_last must be true, false or null"),
+    ],
+)
+def test_speed_knobs_are_checked(knobs, message):
+    from latentup.errors import ConfigError
+    from latentup.pipeline import check_speed
+
+    with pytest.raises(ConfigError) as error:
+        check_speed(**knobs)
+    assert message in str(error.value)
+
+
+def test_device_is_checked():
+    from latentup.devices import resolve_device
+    from latentup.errors import ConfigError
+
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(ConfigError, match="device='foo' is not a torch device: use cpu, cuda"):
+        resolve_device("foo")
+    with pytest.raises(ConfigError, match="device=meta is not supported"):
+        resolve_device("meta")
+    count = torch.cuda.device_count()
+    with pytest.raises(ConfigError, match=f"device=cuda:{count} but .* available: use device=cpu or device=auto"):
+        resolve_device(f"cuda:{count}")
+
+
+def test_upscaler_checks_before_work(upscaler):
+    """Knobs and settings that need the weights to check: bad ones fail before any sampling."""
+    from latentup.autoencoders.taesd import TAESD
+    from latentup.errors import ConfigError, InputError
+    from latentup.pipeline import Upscaler
+
+    with pytest.raises(ConfigError, match="unet_tile must be a multiple of 8 for these weights, got 12"):
+        upscaler.configure(unet_tile=12)
+    with pytest.raises(ConfigError, match=r"clip_skip must be an integer in 0\.\.3 \(got 5\)"):
+        upscaler.settings(clip_skip=5)
+    with pytest.raises(InputError, match="latent has 16 channels but the model expects 4: use a latent made by"):
+        upscaler.upscale_latent(torch.zeros(1, 16, 8, 8), steps=1)
+    with pytest.raises(ConfigError, match="the autoencoder makes 16-channel latents but these weights expect 4"):
+        Upscaler(upscaler.unet, TAESD("sd3"), upscaler.text)
+    with pytest.raises(ConfigError, match="download must be true, false or null"):
+        Upscaler.from_pretrained("/nonexistent", download="maybe")
+
+
+@pytest.mark.parametrize(
+    "latent,message",
+    [
+        (torch.full((1, 4, 8, 8), float("nan")), "holds NaN or infinite values"),
+        (torch.full((4, 8, 8), float("-inf")), "holds NaN or infinite values"),
+        (torch.zeros(1, 4, 0, 8), "has shape (1, 4, 0, 8): use a non-empty"),
+        (torch.zeros(0, 4, 8, 8), "has shape (0, 4, 8, 8): use a non-empty"),
+    ],
+)
+def test_load_latent_rejects_unusable_values(tmp_path, latent, message):
+    from latentup.errors import InputError
+    from latentup.imageio import load_latent
+
+    save_file({"latent": latent}, tmp_path / "bad.safetensors")
+    with pytest.raises(InputError) as error:
+        load_latent(tmp_path / "bad.safetensors")
+    assert message in str(error.value)
+
+
+def test_load_image_refuses_a_decompression_bomb(tmp_path):
+    from latentup.errors import InputError
+    from latentup.imageio import load_image
+
+    with pytest.raises(InputError, match=r"x.png is too large to open \(Image size \(10000000000 pixels\).*: downs"):
+        load_image(huge_png(tmp_path / "x.png"))
