@@ -189,23 +189,80 @@ def test_cli_runs_and_fails_cleanly(tmp_path, tiny_root):
     assert not (tmp_path / "fail").exists()
 
 
+@pytest.fixture(scope="module")
+def broken_root(tmp_path_factory, tiny_root):
+    """``tiny`` plus a set 'broken': a good image and one cut in half (its header still reads)."""
+    root = tmp_path_factory.mktemp("broken")
+    (root / "tiny").symlink_to(tiny_root / "tiny")
+    (root / "broken").mkdir()
+    data = (tiny_root / "tiny" / "c.png").read_bytes()
+    (root / "broken" / "a.png").write_bytes((tiny_root / "tiny" / "a.png").read_bytes())
+    (root / "broken" / "b.png").write_bytes(data[: len(data) // 2])
+    return root
+
+
+BUNDLED = str(REPO / "latentup" / "assets" / "latentup-x2-taesd.safetensors")
+NO_GPU = pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+
+
 @pytest.mark.parametrize("overrides, error, message", [
     (["sets=[nope]"], InputError, "does not exist"),
+    (["sets=[]"], ConfigError, "sets is empty"),
     (["batch_size=0"], ConfigError, "batch_size"),
     (["align=40"], ConfigError, "align"),
+    (["align=abc"], ConfigError, "align must be an integer"),
+    (["limit=0"], ConfigError, r"limit must be an integer >= 1 or null"),
+    (["limit=-1"], ConfigError, r"limit must be an integer >= 1 or null"),
+    (["border=-1"], ConfigError, "border must be an integer >= 0, got -1"),
+    (["border=16"], ConfigError, "border=16 must be under align / 4"),
+    (["grids=1.5"], ConfigError, "grids must be an integer"),
+    (["grid_tile=0"], ConfigError, "grid_tile must be an integer >= 1"),
+    (["seed=abc"], ConfigError, "seed"),
+    (["sampler=foo"], ConfigError, "unknown sampler 'foo'"),  # checked without checkpoints too
+    (["steps=abc", f"checkpoints=[{BUNDLED}]"], ConfigError, "steps"),
+    (["cfg_scale=abc", f"checkpoints=[{BUNDLED}]"], ConfigError, "cfg_scale"),
+    (["dtype=foo"], ConfigError, "unknown dtype"),
+    (["device=foo"], ConfigError, "device='foo' is not a torch device"),
+    pytest.param(["device=cuda"], ConfigError, "device=cuda but no CUDA GPU is available: use device=cpu or device=",
+                 marks=NO_GPU),
+    (["output_dir={tmp}/file"], InputError, "file is a file, not a folder: pass another output_dir"),
+    (["output_dir={tmp}/file/sub"], InputError, "file is a file, not a folder"),
+    (["sets=[tiny,broken]"], InputError, r"broken/b\.png is not a readable image"),
     (["checkpoints=[missing.safetensors]"], WeightsNotFoundError, "checkpoint"),
     (["lpips=true", "lpips_backbone=nothing.safetensors"], WeightsNotFoundError, "lpips=false"),
 ])
-def test_bad_config_is_one_clear_error(tmp_path, tiny_root, overrides, error, message):
+def test_bad_config_is_one_clear_error(tmp_path, broken_root, overrides, error, message):
     from hydra import compose, initialize_config_dir
 
     from latentup.evaluation.run import from_config
 
+    (tmp_path / "file").write_text("x")
     with initialize_config_dir(str(REPO / "configs"), version_base=None):
-        cfg = compose("evaluate", [f"data_root={tiny_root}", "sets=[tiny]", f"output_dir={tmp_path}", "lpips=false",
-                                   "progress=false", *overrides])
+        cfg = compose("evaluate", [f"data_root={broken_root}", "sets=[tiny]", f"output_dir={tmp_path / 'out'}",
+                                   "lpips=false", "progress=false", *(o.format(tmp=tmp_path) for o in overrides)])
     with pytest.raises(error, match=message):
         from_config(cfg)
+    assert [p.name for p in tmp_path.iterdir()] == ["file"] and (tmp_path / "file").read_text() == "x"
+
+
+def test_unreadable_image_fails_before_anything_is_written(tmp_path, broken_root, taesd, metrics):
+    with pytest.raises(InputError, match=r"b\.png is not a readable image"):
+        evaluate(taesd, {"broken": broken_root / "broken"}, tmp_path / "out", metrics, progress=False)
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ConfigError, match="limit must be an integer >= 1"):
+        evaluate(taesd, {"broken": broken_root / "broken"}, tmp_path / "out", metrics, limit=0, progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["limit=0"], "limit must be an integer >= 1 or null (every image), got 0"),
+    (["limit=null", "sets=[broken]"], "b.png is not a readable image (OSError): fix or remove it"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, broken_root, overrides, message):
+    failed = _cli(f"data_root={broken_root}", "sets=[tiny]", f"output_dir={tmp_path / 'out'}", "lpips=false",
+                  "progress=false", *overrides)
+    assert failed.returncode == 2 and failed.stderr.startswith("error: ") and message in failed.stderr
+    assert failed.stderr.count("\n") == 1 and failed.stdout == "" and not (tmp_path / "out").exists()
 
 
 def anchor_rows(name: str) -> dict[str, dict[str, float]]:

@@ -66,12 +66,8 @@ def open_rgb(path: str | Path) -> Image.Image:
 
 
 def hr_size(path: str | Path, align: int) -> tuple[int, int]:
-    """(width, height) of the HR crop, read from the file header only."""
-    try:
-        with Image.open(path) as image:
-            left, top, right, bottom = crop_box(*image.size, align)
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise InputError(f"{path} is not a readable image ({type(error).__name__}): fix or remove it") from None
+    """(width, height) of the HR crop. Decodes the whole image, so a truncated file fails here."""
+    left, top, right, bottom = crop_box(*open_rgb(path).size, align)
     return right - left, bottom - top
 
 

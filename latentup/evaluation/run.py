@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from latentup.atomic import write_text_atomic
 from latentup.autoencoders import Autoencoder, load_autoencoder
-from latentup.errors import ConfigError, WeightsNotFoundError
+from latentup.devices import resolve_device
+from latentup.errors import ConfigError, InputError, WeightsNotFoundError
 from latentup.evaluation.grids import save_grid
 from latentup.evaluation.inception import FIDInceptionV3, load_fid_inception, set_distances
 from latentup.evaluation.metrics import ImageMetrics
@@ -79,14 +80,34 @@ def check_settings(folder: Path, settings: dict) -> None:
     write_text_atomic(path, json.dumps({**settings, "checkpoints": {**old, **new}}, indent=2, sort_keys=True) + "\n")
 
 
-def check_loop(align: int, batch_size: int, grids: int, downscale: int = 8) -> None:
+def _check_int(name: str, value, low: int | None = None, hint: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
+        raise ConfigError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}{hint}, got {value!r}")
+
+
+def check_loop(align: int, batch_size: int, grids: int, downscale: int = 8, *, border: int = 2,
+               grid_tile: int = 256, limit: int | None = None, seed: int = 0) -> None:
+    """The loop's integers, in range (``limit`` None: every image)."""
+    for name, value, low in (("align", align, None), ("batch_size", batch_size, 1), ("grids", grids, 0),
+                             ("border", border, 0), ("grid_tile", grid_tile, 1), ("seed", seed, None)):
+        _check_int(name, value, low)
+    if limit is not None:
+        _check_int("limit", limit, 1, " or null (every image)")
     check_align(align, downscale)
-    if batch_size < 1 or grids < 0:
-        raise ConfigError(f"batch_size must be >= 1 and grids >= 0, got {batch_size} and {grids}")
+    if 4 * border >= align:
+        raise ConfigError(f"border={border} must be under align / 4 = {align / 4:g} px: lower border")
+
+
+def check_output_dir(folder: Path) -> None:
+    """``folder`` must be a folder, or creatable as one: no file in its place or on its path."""
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    if not existing.is_dir():
+        raise InputError(f"output_dir={folder}: {existing} is a file, not a folder: pass another output_dir")
 
 
 def _batches(files: Sequence[Path], align: int, batch_size: int) -> list[list[int]]:
-    """Indices of ``files`` grouped by HR size (first-seen order), then cut into batches."""
+    """Indices of ``files`` grouped by HR size (first-seen order), then cut into batches. Decodes every image, so
+    an unreadable one fails here."""
     groups: dict[tuple[int, int], list[int]] = {}
     for i, file in enumerate(files):
         groups.setdefault(hr_size(file, align), []).append(i)
@@ -118,9 +139,12 @@ def evaluate(
     images of each set) under ``output_dir``, and ``features/<set>/<image>.safetensors`` with ``inception``.
     """
     models = dict(models or {})
-    check_loop(align, batch_size, grids, autoencoder.downscale)
-    files = {name: list_set_images(folder)[:limit] for name, folder in sets.items()}
+    check_loop(align, batch_size, grids, autoencoder.downscale, border=metrics.border, grid_tile=grid_tile,
+               limit=limit, seed=seed)
     folder = Path(output_dir)
+    check_output_dir(folder)
+    files = {name: list_set_images(folder)[:limit] for name, folder in sets.items()}
+    batches = {name: _batches(paths, align, batch_size) for name, paths in files.items()}  # before anything is written
     check_settings(folder, {**(settings or {}), "align": align, "border": metrics.border, "seed": seed})
     rows = [*models, *BASELINES]
     grid_rows = [*BASELINES[1:], *models, BASELINES[0]]  # LR | baselines | model(s) | ceiling | HR
@@ -139,7 +163,7 @@ def evaluate(
                    if (name, path.name, row) not in done or (i in grid_path and not grid_path[i].is_file())
                    or (cached and row not in cached[i])}
         pending = [[i for i in batch if any((i, row) in missing for row in rows)]
-                   for batch in _batches(paths, align, batch_size)]
+                   for batch in batches[name]]
         bar = tqdm(total=sum(map(len, pending)), desc=name, unit="img", disable=not progress)
         for batch in filter(None, pending):
             pairs = [load_pair(paths[i], align) for i in batch]
@@ -204,34 +228,40 @@ def _autoencoder_spec(node) -> str:
 
 
 def from_config(cfg) -> dict:
-    """Run :func:`evaluate` from a config laid out like ``configs/evaluate.yaml``; inputs are checked before any
-    weights load."""
+    """Run :func:`evaluate` from a config laid out like ``configs/evaluate.yaml``; inputs (settings, images, output
+    folder) are checked before any weights load."""
     from hydra.utils import instantiate
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if cfg.device == "auto" else cfg.device
-    names = [cfg.sets] if isinstance(cfg.sets, str) else list(cfg.sets)
-    sets = {name: Path(cfg.data_root).expanduser() / name for name in names}
-    for folder in sets.values():
-        list_set_images(folder)
-    check_loop(cfg.align, cfg.batch_size, cfg.grids)
+    from latentup.pipeline import Settings, resolve_dtype
+
+    device = resolve_device(cfg.device)
+    resolve_dtype(cfg.dtype, device)
+    check_loop(cfg.align, cfg.batch_size, cfg.grids, border=cfg.border, grid_tile=cfg.grid_tile, limit=cfg.limit,
+               seed=cfg.seed)
     sampling = {"steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale, "prompt": cfg.prompt,
                 "colour_fix": cfg.colour_fix}
-    for checkpoint in cfg.checkpoints:
+    Settings(**{k: v for k, v in {**sampling, "seed": cfg.seed}.items() if v is not None}).validate()
+    names = [cfg.sets] if isinstance(cfg.sets, str) else list(cfg.sets or [])
+    if not names:
+        raise ConfigError("sets is empty: name at least one set folder under data_root, e.g. sets=[Set5]")
+    sets = {str(name): Path(cfg.data_root).expanduser() / str(name) for name in names}
+    for folder in sets.values():
+        for path in list_set_images(folder)[: cfg.limit]:
+            hr_size(path, cfg.align)  # a corrupt or too small image fails here
+    check_output_dir(Path(cfg.output_dir))
+    checkpoints = [cfg.checkpoints] if isinstance(cfg.checkpoints, str) else list(cfg.checkpoints or [])
+    for checkpoint in checkpoints:
         if not Path(checkpoint).expanduser().exists():
             raise WeightsNotFoundError(f"checkpoint {checkpoint} does not exist: check the checkpoints list")
-    if cfg.checkpoints:
-        from latentup.pipeline import Settings
-
-        Settings(**{k: v for k, v in sampling.items() if v is not None}).validate()
     metrics = ImageMetrics(border=cfg.border, lpips=cfg.lpips, lpips_backbone=cfg.lpips_backbone)
     inception = load_fid_inception(str(cfg.fid)) if cfg.fid else None
     spec = _autoencoder_spec(cfg.autoencoder)
     autoencoder = instantiate(cfg.autoencoder) if hasattr(cfg.autoencoder, "get") else load_autoencoder(spec)
     autoencoder = autoencoder.to(device, torch.float32).eval()
-    models = load_models(cfg.checkpoints, autoencoder, device=device, dtype=cfg.dtype, **sampling)
+    models = load_models(checkpoints, autoencoder, device=device, dtype=cfg.dtype, **sampling)
     settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "fid": str(cfg.fid) if cfg.fid else None,
                 "dtype": str(cfg.dtype), **sampling,
-                "checkpoints": {name: str(p) for name, p in zip(models, cfg.checkpoints)}}
+                "checkpoints": {name: str(p) for name, p in zip(models, checkpoints)}}
     return evaluate(autoencoder, sets, cfg.output_dir, metrics, models, align=cfg.align, batch_size=cfg.batch_size,
                     seed=cfg.seed, grids=cfg.grids, grid_tile=cfg.grid_tile, limit=cfg.limit, progress=cfg.progress,
                     settings=settings, autoencoder_name=spec, inception=inception)
