@@ -44,25 +44,34 @@ def build_helpers(cfg: DictConfig):
     return autoencoder, text_encoder
 
 
-def prepare(cfg: DictConfig, autoencoder, text_encoder, force: bool = False) -> dict | None:
-    """Write (or finish) the latent-pair shards described by ``cfg.data.prepare``; complete shards in ``data.root``
-    are used as they are (e.g. prepared elsewhere with other settings)."""
-    from latentup.data.prepare import PrepareSettings, prepare_pairs
-    from latentup.data.shards import read_manifest
+def prepare_settings(cfg: DictConfig, force: bool = False):
+    """The checked ``PrepareSettings`` of ``cfg.data.prepare`` (None without that section): before any work."""
+    from latentup.data.prepare import PrepareSettings
 
     spec = cfg.data.get("prepare")
     if spec is None:
         if force:
             raise ConfigError("stage=prepare needs a data config with a prepare section (e.g. data=shards)")
         return None
+    with_text = bool(spec.text) and cfg.get("text_encoder") is not None
+    return PrepareSettings(**OmegaConf.to_container(spec.settings, resolve=True),
+                           autoencoder=component_name(cfg.autoencoder, "spec"),
+                           text_encoder=component_name(cfg.text_encoder, "weights") if with_text else None)
+
+
+def prepare(cfg: DictConfig, settings, autoencoder, text_encoder, force: bool = False) -> dict | None:
+    """Write (or finish) the latent-pair shards of ``settings`` (from :func:`prepare_settings`); complete shards in
+    ``data.root`` are used as they are (e.g. prepared elsewhere with other settings)."""
+    from latentup.data.prepare import prepare_pairs
+    from latentup.data.shards import read_manifest
+
+    if settings is None:
+        return None
+    spec = cfg.data.prepare
     manifest = read_manifest(cfg.data.root)
     if (manifest is not None and manifest["complete"]) or not (force or spec.auto):
         return manifest
-    with_text = bool(spec.text) and text_encoder is not None
-    settings = PrepareSettings(**OmegaConf.to_container(spec.settings, resolve=True),
-                               autoencoder=component_name(cfg.autoencoder, "spec"),
-                               text_encoder=component_name(cfg.text_encoder, "weights") if with_text else None)
-    return prepare_pairs(settings, cfg.data.root, autoencoder, text_encoder if with_text else None,
+    return prepare_pairs(settings, cfg.data.root, autoencoder, text_encoder if settings.text_encoder else None,
                          shard_size=spec.shard_size, batch_size=spec.batch_size, num_workers=spec.num_workers,
                          device=spec.device)
 
@@ -91,24 +100,39 @@ def build_trainer(cfg: DictConfig):
 
 
 def last_checkpoint(cfg: DictConfig) -> Path:
-    """``ckpt_path`` as a file; ``last`` is ``<run_dir>/checkpoints/last.ckpt``."""
+    """``ckpt_path`` as a file, checked to be a training checkpoint; ``last`` is ``<run_dir>/checkpoints/last.ckpt``."""
+    from latentup.training.checkpoint_io import load_training_checkpoint
+
     if cfg.ckpt_path is None:
         raise ConfigError(f"stage={cfg.stage} needs ckpt_path=PATH (or last)")
     path = Path(cfg.run_dir) / "checkpoints" / "last.ckpt" if cfg.ckpt_path == "last" else Path(cfg.ckpt_path)
     if not path.is_file():
         raise ConfigError(f"checkpoint {path} does not exist: check ckpt_path and name")
+    load_training_checkpoint(path, mmap=True)  # cheap: tensors stay on disk
     return path
 
 
-def export(cfg: DictConfig, checkpoint: Path) -> dict:
+def export_options(cfg: DictConfig) -> tuple:
+    """(dtype, recommended sampler settings) of ``cfg.export``, checked (fit checks them before training)."""
     import torch
 
-    from latentup.training.export import export_checkpoint
+    from latentup.training.export import check_recommended
 
-    dtype = getattr(torch, cfg.export.dtype) if cfg.export.dtype else None
+    dtypes = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    if cfg.export.dtype is not None and cfg.export.dtype not in dtypes:
+        raise ConfigError(f"export.dtype must be float16, bfloat16, float32 or null, got {cfg.export.dtype!r}")
     recommended = cfg.export.get("recommended")
     if isinstance(recommended, DictConfig):
         recommended = OmegaConf.to_container(recommended)
+    if recommended is not None:
+        check_recommended(recommended)
+    return dtypes.get(cfg.export.dtype), recommended
+
+
+def export(cfg: DictConfig, checkpoint: Path) -> dict:
+    from latentup.training.export import export_checkpoint
+
+    dtype, recommended = export_options(cfg)
     written = export_checkpoint(checkpoint, Path(cfg.run_dir) / "export", ema=cfg.export.ema,
                                 diffusers=cfg.export.diffusers, dtype=dtype, recommended=recommended)
     for kind, path in written.items():
@@ -120,12 +144,16 @@ def fit(cfg: DictConfig) -> None:
     import lightning as L
     import torch
 
+    settings = prepare_settings(cfg)
+    export_options(cfg)
+    if cfg.ckpt_path not in (None, "last"):
+        last_checkpoint(cfg)
     warnings.filterwarnings("ignore", message=".*module\\(s\\) in eval mode.*")  # the EMA copy, on purpose
     L.seed_everything(cfg.seed, workers=True)
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     autoencoder, text_encoder = build_helpers(cfg)
-    prepare(cfg, autoencoder, text_encoder)
+    prepare(cfg, settings, autoencoder, text_encoder)
     module = build_module(cfg, autoencoder, text_encoder)
     datamodule = hydra.utils.instantiate(cfg.data.module)
     trainer = build_trainer(cfg)
@@ -139,8 +167,8 @@ def fit(cfg: DictConfig) -> None:
 def validate(cfg: DictConfig) -> None:
     import lightning as L
 
-    L.seed_everything(cfg.seed, workers=True)
     checkpoint = last_checkpoint(cfg)
+    L.seed_everything(cfg.seed, workers=True)
     autoencoder, text_encoder = build_helpers(cfg)
     module = build_module(cfg, autoencoder, text_encoder)
     trainer = build_trainer(cfg)
@@ -150,13 +178,17 @@ def validate(cfg: DictConfig) -> None:
 
 
 def run(cfg: DictConfig) -> None:
-    if cfg.get("threads"):
+    threads = cfg.get("threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ConfigError(f"threads must be a whole number >= 1 or null (PyTorch's default), got {threads!r}")
+    if threads:
         import torch
 
-        torch.set_num_threads(cfg.threads)
+        torch.set_num_threads(threads)
     if cfg.stage == "prepare":
+        settings = prepare_settings(cfg, force=True)
         autoencoder, text_encoder = build_helpers(cfg)
-        manifest = prepare(cfg, autoencoder, text_encoder, force=True)
+        manifest = prepare(cfg, settings, autoencoder, text_encoder, force=True)
         print(f"{cfg.data.root}: {manifest['count']} pairs in {len(manifest['shards'])} shards "
               f"({len(manifest['skipped'])} sources too small)")
     elif cfg.stage == "fit":

@@ -151,6 +151,41 @@ def test_prepare_grid_and_text(images, taesd, tmp_path):
     assert data.empty_prompt()["mask"].sum() == 2  # BOS + EOT
 
 
+@pytest.mark.parametrize(("bad", "message"), [
+    ({"crop": "abc"}, "settings.crop must be a whole number >= 1, got 'abc'"),
+    ({"align": 0}, "settings.align must be a whole number >= 1, got 0"),
+    ({"crop": 100}, "size rule"),
+    ({"crops_per_image": 0}, "settings.crops_per_image must be a whole number >= 1, got 0"),
+    ({"max_side": -5}, "settings.max_side must be a whole number >= 1 or null, got -5"),
+    ({"max_side": 100}, "max_side 100 is below the 128-px crop"),
+    ({"stride": 2.5}, "settings.stride must be a whole number"),
+    ({"mode": "tiles"}, "unknown crop mode"),
+])
+def test_prepare_settings_are_checked_first(images, bad, message):
+    with pytest.raises(ConfigError, match=message):
+        _settings(images, **bad)
+
+
+def test_prepare_refuses_bad_input_before_writing(images, taesd, tmp_path):
+    out = tmp_path / "pairs"
+    for bad, message in (({"shard_size": 0}, "shard_size must be"), ({"num_workers": -1}, "num_workers must be"),
+                         ({"device": "abc"}, "data.prepare.device='abc' is not a torch device")):
+        with pytest.raises(ConfigError, match=message):
+            prepare_pairs(_settings(images), out, taesd, progress=False, **bad)
+    with pytest.raises(InputError, match=r"does not exist: check data\.prepare\.settings\.source"):
+        prepare_pairs(_settings(tmp_path / "missing"), out, taesd, progress=False)
+    assert not out.exists()
+    with pytest.raises(InputError, match="no image of .* is at least 320 px on both sides: lower data.prepare"):
+        prepare_pairs(_settings(images, crop=320), out, taesd, progress=False)  # the largest image is 300 x 220
+    assert not out.exists()  # no manifest that marks an empty preparation complete
+
+
+def test_empty_shard_folder_says_to_delete_it(tmp_path):
+    ShardWriter(tmp_path / "old", {"crop": 512}).flush(5, complete=True)  # as older versions left it
+    with pytest.raises(InputError, match="holds no samples .*: delete it"):
+        LatentShardDataset(tmp_path / "old")
+
+
 def test_shard_values_match_direct_encoding(images, taesd, tmp_path):
     from latentup.data.stream import mix_seed
 

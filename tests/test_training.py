@@ -402,6 +402,74 @@ def test_exports_run_in_the_pipeline(tmp_path):
     assert all(torch.equal(parts.unet_state[k], v) for k, v in text_module.model_ema.unet.state_dict().items())
 
 
+def test_foreign_checkpoints_are_refused_in_one_line(tmp_path):
+    from latentup.errors import WeightsMismatchError
+    from latentup.training.checkpoint_io import AtomicCheckpointIO
+
+    class Payload:
+        def __reduce__(self):
+            return print, ("unpickled",)
+
+    torch.save({"latentup": Payload()}, tmp_path / "evil.ckpt")
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    torch.save({"state_dict": {}}, tmp_path / "plain.ckpt")
+    for name, why in (("evil.ckpt", "UnpicklingError"), ("garbage.pth", "Error"), ("plain.ckpt", "no 'latentup'")):
+        message = f"{name} is not a latentup training checkpoint loadable with weights_only=True \\(.*{why}.*\\): use"
+        with pytest.raises(WeightsMismatchError, match=message):
+            export_checkpoint(tmp_path / name, tmp_path / "export")
+        with pytest.raises(WeightsMismatchError, match=message):  # validate and resume load through Lightning
+            AtomicCheckpointIO().load_checkpoint(tmp_path / name)
+    assert not (tmp_path / "export").exists()
+
+
+@pytest.fixture(scope="module")
+def train_script():
+    """train.py as a module, to run its stages on composed configs in this process."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["threads=-1"], "threads must be a whole number >= 1 or null"),
+    (["threads=abc"], "threads must be a whole number >= 1 or null .*got 'abc'"),
+    (["stage=prepare", "data.prepare.settings.crop=abc"], "data.prepare.settings.crop must be a whole number"),
+    (["stage=prepare", "data.prepare.settings.align=0"], "data.prepare.settings.align must be a whole number"),
+    (["stage=prepare", "data.prepare.settings.crops_per_image=0"], "crops_per_image must be a whole number >= 1"),
+    (["data.prepare.settings.max_side=-5"], "max_side must be a whole number >= 1 or null"),
+    (["export.dtype=int8"], "export.dtype must be float16, bfloat16, float32 or null"),
+    (["stage=export", "ckpt_path={tmp}/evil.ckpt"], "evil.ckpt is not a latentup training checkpoint"),
+    (["stage=validate", "ckpt_path={tmp}/evil.ckpt"], "evil.ckpt is not a latentup training checkpoint"),
+    (["ckpt_path={tmp}/evil.ckpt"], "evil.ckpt is not a latentup training checkpoint"),
+    (["stage=prepare", "data.prepare.settings.source={tmp}/missing"], "check data.prepare.settings.source"),
+])
+def test_train_refuses_bad_input_before_any_work(train_script, tmp_path, monkeypatch, overrides, message):
+    from hydra import compose, initialize_config_dir
+
+    from latentup.errors import LatentupError
+
+    monkeypatch.setenv("LATENTUP_RUNS", str(tmp_path / "runs"))
+    torch.save({"x": torch.zeros(1)}, tmp_path / "evil.ckpt")  # not a training checkpoint
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("train", overrides=[o.format(tmp=tmp_path) for o in overrides])
+    threads = torch.get_num_threads()
+    with pytest.raises(LatentupError, match=message):
+        train_script.run(cfg)
+    assert torch.get_num_threads() == threads
+    assert not (tmp_path / "runs").exists()  # no shard folder, logs or export
+
+
+def test_train_cli_prints_one_error_line(tmp_path):
+    (tmp_path / "garbage.pth").write_bytes(b"not a checkpoint")
+    result = train_py(tmp_path, "stage=export", f"ckpt_path={tmp_path / 'garbage.pth'}")
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+    assert "use a checkpoint written by train.py" in result.stderr
+    assert not (tmp_path / "default" / "export").exists()
+
+
 @pytest.mark.parametrize("experiment", ["quickstart", "sd_x2", "finetune"])
 def test_experiment_configs_compose(experiment):
     from hydra import compose, initialize_config_dir

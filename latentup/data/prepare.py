@@ -12,6 +12,7 @@ Run it as ``python train.py stage=prepare data=shards data.prepare.settings.sour
 :func:`prepare_pairs`). Interrupted runs resume after the last shard the manifest lists.
 """
 
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -24,7 +25,17 @@ from latentup.data.crops import DIHEDRAL, check_crop, grid_boxes, limit_side, pa
 from latentup.data.shards import ShardWriter
 from latentup.data.sources import open_source
 from latentup.data.stream import mix_seed
-from latentup.errors import ConfigError
+from latentup.devices import resolve_device
+from latentup.errors import ConfigError, InputError
+
+
+def check_whole(key: str, value, minimum: int = 1, optional: bool = False) -> None:
+    """A ConfigError naming ``data.prepare.<key>`` unless ``value`` is an int >= ``minimum`` (or optional None)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"data.prepare.{key} must be a whole number >= {minimum}{' or null' if optional else ''}, "
+                          f"got {value!r}")
 
 
 @dataclass
@@ -47,7 +58,14 @@ class PrepareSettings:
     pixels: bool = False  # also store the HR crop (uint8 ``hr_pixels``)
 
     def __post_init__(self):
+        for key in ("crop", "align", "crops_per_image"):
+            check_whole(f"settings.{key}", getattr(self, key))
+        for key in ("stride", "max_side"):
+            check_whole(f"settings.{key}", getattr(self, key), optional=True)
         check_crop(self.crop, self.align)
+        if self.max_side is not None and self.max_side < self.crop:
+            raise ConfigError(f"data.prepare.settings.max_side {self.max_side} is below the {self.crop}-px crop, so no "
+                              "crop would fit: raise max_side (or null) or lower crop")
         if self.mode not in ("random", "grid"):
             raise ConfigError(f"unknown crop mode {self.mode!r}: use random or grid")
 
@@ -55,9 +73,8 @@ class PrepareSettings:
 class _Crops(Dataset):
     """Source index -> (key, caption, HR crops [n, 3, S, S], LR crops [n, 3, S/2, S/2]), decoded in workers."""
 
-    def __init__(self, settings: PrepareSettings, start: int):
-        self.s, self.start = settings, start
-        self.source = open_source(settings.source)
+    def __init__(self, settings: PrepareSettings, source, start: int):
+        self.s, self.source, self.start = settings, source, start
 
     def __len__(self) -> int:
         return len(self.source) - self.start
@@ -78,12 +95,6 @@ class _Crops(Dataset):
         return src.key, src.caption, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
 
 
-def _device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
 def _encode(autoencoder, pixels: torch.Tensor, seeds: list[int], sample: bool, device) -> torch.Tensor:
     generators = [torch.Generator().manual_seed(s) for s in seeds]
     pixels = pixels.to(device, memory_format=torch.channels_last)  # 1.4x faster CPU convolutions; equal up to rounding
@@ -97,16 +108,21 @@ def prepare_pairs(settings: PrepareSettings, output: str | Path, autoencoder, te
     """Write (or finish) the shards of ``settings`` into ``output``; returns the manifest."""
     if (text_encoder is None) != (settings.text_encoder is None):
         raise ConfigError("settings.text_encoder must name the text encoder exactly when one is given")
+    check_whole("shard_size", shard_size)
+    check_whole("batch_size", batch_size)
+    check_whole("num_workers", num_workers, minimum=0)
     writer = ShardWriter(output, asdict(settings), shard_size)
     if writer.manifest["complete"]:
         return writer.manifest
-    device = _device(device)
+    device = resolve_device(device, "data.prepare.device")
+    crops = _Crops(settings, open_source(settings.source), writer.sources_done)  # checked before the folder is made
+    created = not writer.root.exists()
+    writer.root.mkdir(parents=True, exist_ok=True)
     autoencoder = autoencoder.to(device, memory_format=torch.channels_last).eval()
     if text_encoder is not None:
         text_encoder = text_encoder.to(device).eval()
         empty = text_encoder.encode([""], clip_skip=settings.clip_skip)
         writer.write_empty_prompt(empty.context, empty.pooled, empty.mask)
-    crops = _Crops(settings, writer.sources_done)
     loader = DataLoader(crops, batch_size=None, num_workers=num_workers)
     pending: list[tuple[int, str, str, torch.Tensor, torch.Tensor]] = []
 
@@ -142,5 +158,11 @@ def prepare_pairs(settings: PrepareSettings, output: str | Path, autoencoder, te
         bar.set_postfix(samples=writer.manifest["count"] + len(writer.keys))
     if pending:
         encode_pending()
+    if writer.manifest["count"] + len(writer.keys) == 0:  # never a complete, empty manifest
+        if created:
+            shutil.rmtree(writer.root)
+        limit = f" (after max_side={settings.max_side})" if settings.max_side else ""
+        raise InputError(f"no image of {settings.source} is at least {settings.crop} px on both sides{limit}: lower "
+                         "data.prepare.settings.crop" + (" or raise max_side" if limit else ""))
     writer.flush(len(crops.source), complete=True)
     return writer.manifest

@@ -45,8 +45,7 @@ class ShardWriter:
     """
 
     def __init__(self, root: str | Path, settings: dict, shard_size: int = 1024):
-        self.root = Path(root).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = Path(root).expanduser()  # created by the first write
         self.shard_size = shard_size
         old = read_manifest(self.root)
         if old is not None and old.get("settings") != settings:
@@ -114,7 +113,8 @@ class LatentShardDataset(torch.utils.data.Dataset):
             raise InputError(f"{self.root} is only partly prepared ({manifest['count']} samples): finish "
                              "`python train.py stage=prepare` (it resumes) or pass require_complete=false")
         if manifest["count"] == 0:
-            raise InputError(f"{self.root} holds no samples: every source was smaller than the crop")
+            raise InputError(f"{self.root} holds no samples (no source was as large as the crop): delete it and "
+                             "prepare again with a smaller data.prepare.settings.crop")
         self.manifest = manifest
         self.files = [self.root / s["file"] for s in manifest["shards"]]
         self.ends = torch.tensor([s["count"] for s in manifest["shards"]]).cumsum(0)

@@ -38,7 +38,8 @@ class ImageFolder:
     def __init__(self, root: str | Path):
         self.root = Path(root).expanduser()
         if not self.root.is_dir():
-            raise InputError(f"image folder {self.root} does not exist: check data.root or $LATENTUP_DATA")
+            raise InputError(f"image folder {self.root} does not exist: check data.prepare.settings.source "
+                             "(data=shards) or data.module.train.root (data=images), or $LATENTUP_DATA")
         self.files = sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not self.files:
             raise InputError(f"image folder {self.root} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")

@@ -18,6 +18,7 @@ from safetensors.torch import save_file
 from latentup.atomic import write_atomic, write_text_atomic
 from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.nn.unet import UNetConfig
+from latentup.training.checkpoint_io import load_training_checkpoint
 from latentup.training.module import as_unet_config
 from latentup.weights.single_file import save_upscaler
 
@@ -30,9 +31,7 @@ def read_checkpoint(path: str | Path, ema: bool = True) -> tuple[UNetConfig, dic
     path = Path(path).expanduser()
     if not path.is_file():
         raise WeightsNotFoundError(f"checkpoint {path} does not exist: pass ckpt_path=PATH (or last)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if "latentup" not in checkpoint:
-        raise ConfigError(f"{path} was not written by latentup's trainer (no 'latentup' entry): nothing to export")
+    checkpoint = load_training_checkpoint(path)
     prefix = EMA_PREFIX if ema else RAW_PREFIX
     state = {k[len(prefix):]: v for k, v in checkpoint["state_dict"].items() if k.startswith(prefix)}
     info = checkpoint["latentup"]
