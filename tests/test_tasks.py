@@ -3,9 +3,11 @@
 import base64
 import io
 import json
+import struct
 import subprocess
 import sys
 import uuid
+import zlib
 
 import numpy as np
 import pytest
@@ -67,6 +69,16 @@ def test_upscale_tasks(pipeline_dir, tmp_path):
     assert webp.size == (128, 96)
 
 
+def _huge_png_base64() -> str:
+    """A PNG whose header claims 100000 x 100000 px (over PIL's decompression-bomb limit); no pixel data."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IEND", b"")
+    return base64.b64encode(png).decode()
+
+
 def test_task_errors_are_per_task(pipeline_dir, tmp_path):
     Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "in.png")
     good = {"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "inputs": {"image": str(tmp_path / "in.png")},
@@ -78,6 +90,11 @@ def test_task_errors_are_per_task(pipeline_dir, tmp_path):
         {**good, "taskUUID": str(uuid.uuid4()), "inputs": {"image": "https://example.com/a.png"}},
         {**good, "taskUUID": str(uuid.uuid4()), "settings": {"steps": 0}},
         {**good, "taskUUID": str(uuid.uuid4()), "model": "runware:503@1"},
+        {**good, "taskUUID": str(uuid.uuid4()), "upscaleFactor": "abc"},
+        {**good, "taskUUID": str(uuid.uuid4()), "outputQuality": "high"},
+        {**good, "taskUUID": str(uuid.uuid4()), "inputs": "in.png"},
+        {**good, "taskUUID": str(uuid.uuid4()), "settings": {"seed": "abc"}},
+        {**good, "taskUUID": str(uuid.uuid4()), "inputs": {"image": _huge_png_base64()}},
     ]
     result = run(pipeline_dir, tasks, tmp_path)
     assert result.returncode == 2
@@ -85,9 +102,12 @@ def test_task_errors_are_per_task(pipeline_dir, tmp_path):
     assert len(response["data"]) == 1
     codes = [(e["code"], e["parameter"]) for e in response["errors"]]
     assert codes == [("conflictTaskUUID", "taskUUID"), ("invalidParameter", "upscaleFactor"),
-                     ("invalidParameter", "inputs.image"), ("invalidParameter", None), ("unsupportedModel", "model")]
+                     ("invalidParameter", "inputs.image"), ("invalidParameter", None), ("unsupportedModel", "model"),
+                     ("invalidParameter", "upscaleFactor"), ("invalidParameter", "outputQuality"),
+                     ("invalidParameter", "inputs"), ("invalidParameter", None), ("invalidParameter", "inputs.image")]
     assert "steps must be >= 1" in response["errors"][3]["message"]
-    assert result.stderr.startswith("error: 5 of 6 tasks failed")
+    assert "seed must be" in response["errors"][8]["message"] and "too large" in response["errors"][9]["message"]
+    assert result.stderr.startswith("error: 10 of 11 tasks failed")
 
 
 def test_task_file_must_be_an_array(pipeline_dir, tmp_path):

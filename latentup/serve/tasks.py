@@ -42,15 +42,28 @@ def _decode_image(value: str, known: dict[str, Path]) -> Image.Image:
     if value in known:
         return load_image(known[value])
     if value.startswith(("http://", "https://")):
-        raise TaskError("invalidParameter", "image URLs are not fetched locally: pass a path, data URI or base64", "inputs.image")
+        raise TaskError("invalidParameter", "image URLs are not fetched locally: pass a path, data URI or base64",
+                        "inputs.image")
     if value.startswith("data:"):
         value = value.partition(",")[2]
     elif Path(value).is_file():
         return load_image(value)
     try:
         return Image.open(io.BytesIO(base64.b64decode(value, validate=True))).copy()
+    except Image.DecompressionBombError:
+        raise TaskError("invalidParameter", "inputs.image is too large to open: downscale it", "inputs.image") from None
     except (binascii.Error, ValueError, OSError):
-        raise TaskError("invalidParameter", "inputs.image is neither a file, a data URI nor base64 image data", "inputs.image") from None
+        raise TaskError("invalidParameter", "inputs.image is neither a file, a data URI nor base64 image data",
+                        "inputs.image") from None
+
+
+def _number(task: dict, key: str, default, cast):
+    """``cast(task[key])`` (default when absent); a TaskError naming ``key`` for a value that is not a number."""
+    value = task.get(key, default)
+    try:
+        return cast(value)
+    except (TypeError, ValueError):
+        raise TaskError("invalidParameter", f"{key} must be a number, got {value!r}", key) from None
 
 
 def _settings(task: dict) -> dict:
@@ -75,19 +88,24 @@ def run_task(upscaler, task: dict, output_dir: Path, known: dict[str, Path], pro
     """Run one task; returns the response item or raises TaskError."""
     if task.get("model", MODEL_AIR) != MODEL_AIR:
         raise TaskError("unsupportedModel", f"model {task['model']} is not served here: use {MODEL_AIR}", "model")
-    if float(task.get("upscaleFactor", 2)) != 2:
-        raise TaskError("invalidParameter", f"upscaleFactor {task['upscaleFactor']} is not supported: only 2", "upscaleFactor")
+    if _number(task, "upscaleFactor", 2, float) != 2:
+        raise TaskError("invalidParameter", f"upscaleFactor {task['upscaleFactor']} is not supported: only 2",
+                        "upscaleFactor")
     fmt = str(task.get("outputFormat", "JPG")).upper()
     if fmt not in FORMATS:
-        raise TaskError("invalidParameter", f"outputFormat {fmt} is not supported: use JPG, PNG or WEBP", "outputFormat")
+        raise TaskError("invalidParameter", f"outputFormat {fmt} is not supported: use JPG, PNG or WEBP",
+                        "outputFormat")
     output_type = task.get("outputType", "URL")
     output_type = output_type[0] if isinstance(output_type, list) else output_type
     if output_type not in ("URL", "base64Data", "dataURI"):
         raise TaskError("invalidParameter", f"outputType {output_type} is not supported", "outputType")
-    quality = int(task.get("outputQuality", 95))
+    quality = _number(task, "outputQuality", 95, int)
     if not 20 <= quality <= 99:
         raise TaskError("invalidParameter", f"outputQuality {quality} is outside 20..99", "outputQuality")
-    source = (task.get("inputs") or {}).get("image") or task.get("inputImage")
+    inputs = task.get("inputs") or {}
+    if not isinstance(inputs, dict):
+        raise TaskError("invalidParameter", 'inputs must be an object such as {"image": "photo.png"}', "inputs")
+    source = inputs.get("image") or task.get("inputImage")
     settings = _settings(task)
     image = _decode_image(source, known)
     upscaled = upscaler.upscale_image(_cap(image), progress=progress, **settings)
@@ -116,7 +134,7 @@ def run_task(upscaler, task: dict, output_dir: Path, known: dict[str, Path], pro
 def validate_tasks(tasks) -> None:
     """Reject a request that is not a JSON array of task objects (the whole request fails)."""
     if not isinstance(tasks, list) or not all(isinstance(t, dict) for t in tasks):
-        raise LatentupError("the task file must hold a JSON array of task objects, e.g. [{\"taskType\": \"upscale\", ...}]")
+        raise LatentupError('the task file must hold a JSON array of task objects, e.g. [{"taskType": "upscale", ...}]')
 
 
 def run_tasks(upscaler, tasks: list[dict], output_dir, progress=False) -> dict:
