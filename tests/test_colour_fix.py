@@ -85,3 +85,35 @@ def test_pipeline_applies_the_fix_to_image_outputs(upscaler):
     off = to_tensor(upscaler.upscale_image(image, seed=0, colour_fix=0))
     target = to_tensor(image).mean((-2, -1))
     assert (out.mean((-2, -1)) - target).abs().max() < 2 / 255 < (off.mean((-2, -1)) - target).abs().max()
+
+
+def test_colour_fix_cap_benchmark_rows(tmp_path, shared_dir):
+    """benchmarks/colour_fix_cap.py on one 128-px image: its ceiling and fixed rows equal a recomputation."""
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from latentup.evaluation.metrics import psnr
+    from latentup.evaluation.protocol import load_pair
+
+    (tmp_path / "one").mkdir()
+    source = sorted((shared_dir / "datasets" / "eval" / "Set5").glob("*.png"))[0]
+    Image.open(source).convert("RGB").crop((0, 0, 128, 128)).save(tmp_path / "one" / "a.png")
+    done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "colour_fix_cap.py"), "--data-root", str(tmp_path),
+                           "--set", "one", "--sigmas", "1", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    printed = {cells[1].strip(): float(cells[2]) for cells in (line.split("|") for line in done.stdout.splitlines())
+               if len(cells) == 5 and cells[2].strip()[:1].isdigit()}
+    hr, lr = (x[None] for x in load_pair(tmp_path / "one" / "a.png"))
+    taesd = load_autoencoder("taesd").eval()
+    with torch.no_grad():
+        decoded_lr, ceiling = (taesd.decode(taesd.encode(x, sample=False)) for x in (lr, hr))
+    assert printed["ceiling"] == pytest.approx(psnr(ceiling, hr, y=True).item(), abs=0.006)
+    assert printed["ceiling + fix 1"] == pytest.approx(psnr(colour_fix(ceiling, decoded_lr, 1.0), hr, y=True).item(),
+                                                       abs=0.006)
+    assert printed["ceiling + fix 1"] < printed["ceiling"]  # the decoded LR's low band is worse than the ceiling's
+    assert printed["HR + fix 1"] < printed["HR + fix 2"]  # a wider sigma keeps more of the (perfect) image
+    bad = subprocess.run([sys.executable, str(REPO / "benchmarks" / "colour_fix_cap.py"), "--data-root", str(tmp_path),
+                          "--set", "one", "--sigmas", "-1"], capture_output=True, text=True, timeout=300)
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: colour_fix must be >= 0"), bad.stderr
