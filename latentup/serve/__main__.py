@@ -1,0 +1,149 @@
+"""Serve the upscaler as a Runware-compatible API on one port (REST + WebSocket); see docs/serving.md.
+
+    python -m latentup.serve weights=sd-x2-latent-upscaler/ port=8765
+    LATENTUP_API_KEYS=k1,k2 python -m latentup.serve host=0.0.0.0
+
+Prints ``serving on http://HOST:PORT (ws://HOST:PORT/v1)`` once it accepts connections. SIGINT / SIGTERM drain:
+accepted tasks finish and are delivered (at most ``drain_timeout`` s), new ones get a ``serverShuttingDown`` error.
+"""
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import tempfile
+from pathlib import Path
+
+import hydra
+import uvicorn
+from omegaconf import DictConfig, ListConfig
+
+from latentup.errors import ConfigError, exit_on_error
+from latentup.serve.app import create_app
+from latentup.serve.fetch import UrlFetcher
+from latentup.serve.service import Service
+from latentup.serve.sessions import Sessions
+from latentup.serve.store import ImageStore
+
+PURGE_INTERVAL = 10.0  # seconds between deletions of expired outputs and sessions
+POSITIVE = {"max_queue": int, "max_batch": int, "max_tasks_per_request": int, "task_timeout": float,
+            "max_request_mb": float, "output_ttl": float, "session_ttl": float, "drain_timeout": float,
+            "fetch_max_mb": float, "fetch_timeout": float}
+
+
+def _check(cfg: DictConfig) -> tuple[list[str], list[str]]:
+    """One-line ConfigErrors for bad knobs; returns (API keys, fetch hosts)."""
+    for name, kind in {**POSITIVE, "batch_wait": float, "port": int}.items():
+        value = cfg[name]
+        low = 0 if name in ("batch_wait", "port") else (1 if kind is int else 1e-9)
+        if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < low:
+            raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'} >= {low:g}, got "
+                              f"{value!r}")
+    if cfg.port > 65535:
+        raise ConfigError(f"port must be 0..65535, got {cfg.port}")
+    lists = {}
+    for name in ("api_keys", "fetch_hosts"):
+        value = cfg[name]
+        if not isinstance(value, (list, ListConfig)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{name} must be a list of non-empty texts, e.g. {name}=[a,b], got {value!r}")
+        lists[name] = list(value)
+    keys = lists["api_keys"] + [k.strip() for k in os.environ.get("LATENTUP_API_KEYS", "").split(",") if k.strip()]
+    if not keys and not _is_loopback(str(cfg.host)):
+        raise ConfigError(f"host {cfg.host} is reachable from other machines but no API key is set: pass "
+                          "api_keys=[...] or LATENTUP_API_KEYS, or serve on host=127.0.0.1")
+    return keys, lists["fetch_hosts"]
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}): choose another host= or port=") from None
+    return sock
+
+
+def _load(cfg: DictConfig):
+    from latentup.pipeline import Upscaler, default_weights
+
+    speed = {k: cfg[k] for k in ("unet_tile", "vae_tile", "channels_last", "compile", "winograd")}
+    weights = cfg.weights if cfg.weights is not None else default_weights()
+    return Upscaler.from_pretrained(weights, device=cfg.device, dtype=cfg.dtype, autoencoder=cfg.autoencoder,
+                                    text_encoder=cfg.text_encoder, download=cfg.download, **speed)
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which drains the service before it closes connections."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, sessions: Sessions, drain_timeout: float,
+                 ready_line: str):
+        super().__init__(config)
+        self.service, self.sessions, self.drain_timeout, self.ready_line = service, sessions, drain_timeout, ready_line
+
+    async def startup(self, sockets=None) -> None:
+        await super().startup(sockets)
+        if not self.should_exit:
+            print(self.ready_line, flush=True)
+
+    async def shutdown(self, sockets=None) -> None:
+        await self.service.drain(self.sessions.buffered, self.drain_timeout)
+        await super().shutdown(sockets)
+
+
+def serve(cfg: DictConfig) -> None:
+    keys, fetch_hosts = _check(cfg)
+    sock = _bind(str(cfg.host), cfg.port)
+    host = f"[{cfg.host}]" if ":" in str(cfg.host) else str(cfg.host)
+    address = f"{host}:{sock.getsockname()[1]}"
+    upscaler = _load(cfg)
+    with contextlib.ExitStack() as stack:
+        folder = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="latentup-serve-"))
+        store = ImageStore(Path(str(folder)), cfg.output_ttl)
+        fetch = UrlFetcher(fetch_hosts, int(cfg.fetch_max_mb * 2**20), cfg.fetch_timeout) if fetch_hosts else None
+        service = Service(upscaler, store, dict(max_queue=cfg.max_queue, max_batch=cfg.max_batch,
+                                                batch_wait=cfg.batch_wait), keys, fetch, cfg.task_timeout,
+                          cfg.public_url or f"http://{address}")
+        sessions = Sessions(cfg.session_ttl)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(app):
+            async def purge():
+                while True:
+                    await asyncio.sleep(PURGE_INTERVAL)
+                    await asyncio.to_thread(store.purge)
+                    sessions.purge()
+
+            workers = [asyncio.ensure_future(service.batcher.run_forever()), asyncio.ensure_future(purge())]
+            yield
+            for worker in workers:
+                worker.cancel()
+            service.batcher.close()
+
+        max_bytes = int(cfg.max_request_mb * 2**20)
+        app = create_app(service, sessions, cfg.max_tasks_per_request, max_bytes, lifespan)
+        config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, ws_max_size=max_bytes,
+                                lifespan="on")
+        Server(config, service, sessions, cfg.drain_timeout,
+               f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
+
+
+@hydra.main(version_base=None, config_path="../../configs/serve", config_name="serve")
+def main(cfg: DictConfig) -> None:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    with exit_on_error():
+        serve(cfg)
+
+
+if __name__ == "__main__":
+    main()
