@@ -77,16 +77,26 @@ def parse() -> argparse.Namespace:
     return args
 
 
-def diffusers_pipeline(device: str, dtype: torch.dtype):
-    """The released pipeline's classes and configs with seeded random weights (no files read)."""
+TINY = {  # shrunk configs of the same classes, for smoke tests that run in seconds
+    "unet": UNetConfig(channels=(32, 32, 64, 64), depths=(1, 1, 1, 1), head_dim=16, cross_attention_dim=32,
+                       mapping_dim=64, mapping_cond_dim=128 + 32),
+    "vae": KLConfig(block_out_channels=(32, 32, 64, 64), layers_per_block=1, norm_num_groups=16),
+    "text": TEXT_CONFIG | {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
+                           "num_attention_heads": 4, "projection_dim": 32},
+}
+
+
+def diffusers_pipeline(device: str, dtype: torch.dtype, tiny: bool = False):
+    """The released pipeline's classes and configs (``tiny``: shrunk ones) with seeded random weights (no files
+    read)."""
     from diffusers import AutoencoderKL as DiffusersVAE
     from diffusers import EulerDiscreteScheduler, StableDiffusionLatentUpscalePipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     torch.manual_seed(0)
-    unet = UNet2DConditionModel.from_config(UNetConfig().to_diffusers())
-    vae = DiffusersVAE.from_config(KLConfig().to_diffusers())
-    text = CLIPTextModel(CLIPTextConfig(**TEXT_CONFIG))
+    unet = UNet2DConditionModel.from_config((TINY["unet"] if tiny else UNetConfig()).to_diffusers())
+    vae = DiffusersVAE.from_config((TINY["vae"] if tiny else KLConfig()).to_diffusers())
+    text = CLIPTextModel(CLIPTextConfig(**(TINY["text"] if tiny else TEXT_CONFIG)))
     tokenizer = CLIPTokenizer.from_pretrained(write_hf_tokenizer_files(Path(tempfile.mkdtemp()) / "tokenizer"))
     pipe = StableDiffusionLatentUpscalePipeline(vae=vae, text_encoder=text, tokenizer=tokenizer, unet=unet,
                                                 scheduler=EulerDiscreteScheduler(**SCHEDULER_CONFIG))

@@ -43,15 +43,36 @@ def test_conv3x3_uses_winograd_only_where_it_applies(monkeypatch):
     calls = []
     monkeypatch.setattr(winograd, "winograd_conv3x3", lambda *a: calls.append(a[0].shape) or F.conv2d(
         a[0], conv.weight, conv.bias, padding=1))
-    x = torch.randn(1, 8, 8, 8)
+    x = torch.randn(1, 8, 16, 16)  # 16 tiles: MIN_TILES
     with torch.no_grad():
         conv(x)  # off by default
         conv.winograd = True
         conv(x)
-        conv(torch.randn(1, 8, 6, 8))  # side not a multiple of 4
+        conv(torch.randn(1, 8, 12, 16))  # 12 tiles: the direct convolution is as fast
+        assert conv._filter is not None
+        conv(torch.randn(1, 8, 14, 16))  # side not a multiple of 4
         conv.double()(x.double())  # float64
     conv.float()(x)  # gradients enabled (training)
     assert calls == [x.shape]
+
+
+def test_filter_is_transformed_only_at_a_call_that_pays():
+    conv = Conv3x3(8, 8)
+    conv.winograd = True
+    with torch.no_grad():
+        conv(torch.randn(2, 8, 8, 8))  # 8 tiles
+        assert conv._filter is None
+        conv(torch.randn(2, 8, 12, 12))  # 18 tiles
+        assert conv._filter is not None
+
+
+def test_transform_filter_equals_g_w_gt_in_float64():
+    w = torch.randn(5, 3, 3, 3, generator=torch.Generator().manual_seed(0))
+    g = torch.tensor(winograd._G, dtype=torch.float64)
+    expected = torch.einsum("ai,kcij,bj->abkc", g, w.double(), g).reshape(36, 5, 3)
+    got = transform_filter(w)
+    assert got.shape == (36, 5, 3) and got.dtype == torch.float32
+    assert (got - expected).abs().max() < 1e-6 * expected.abs().max()
 
 
 def test_conv3x3_follows_in_place_weight_updates():
@@ -81,4 +102,6 @@ def test_unet_with_winograd_matches_direct():
             if isinstance(module, Conv3x3):
                 module.winograd = True
         fast = unet(x, torch.tensor(0.2), mapping, context)
+    transformed = [m._filter is not None for m in unet.modules() if isinstance(m, Conv3x3)]
+    assert any(transformed) and not all(transformed)  # level 0 (48 tiles) pays, level 2 (3 tiles) does not
     assert relative_error(fast, direct) < 1e-4

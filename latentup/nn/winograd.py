@@ -10,7 +10,11 @@ result is within ~2e-5 of the direct convolution, relative to the largest output
 of ~``CHUNK_TILES`` so that a chunk's transformed data stays in cache. On this project's CPUs oneDNN's direct
 convolution already runs at the matmul rate, so this is the one way left to do the same layer faster (1.5–2.2× on
 the released U-Net's shapes; docs/performance.md). The price: the cached transformed filter is 4× the weight
-(36 vs 9 values per filter). GPUs keep their own (cuDNN) algorithms.
+(36 vs 9 values per filter), and computing it (one [36, 9] × [9, C_out·C_in] product, ~40 ms for a 768×768 filter
+on one core) before the first call. So a layer switches to Winograd only where it pays: at calls of at least
+``MIN_TILES`` 4×4 output tiles (batch · H · W / 16; below that the direct convolution is as fast: a 768-channel
+8×8 map at batch 2, 8 tiles, ran at 0.95× of direct), and its filter is transformed at its first such call
+(lazily: the deepest levels of a small latent never pay for one). GPUs keep their own (cuDNN) algorithms.
 """
 
 from functools import cache
@@ -20,22 +24,30 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CHUNK_TILES = 128
+MIN_TILES = 16
 _B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
-_G = [[1 / 4, 0, 0], [-1 / 6, -1 / 6, -1 / 6], [-1 / 6, 1 / 6, -1 / 6],
-      [1 / 24, 1 / 12, 1 / 6], [1 / 24, -1 / 12, 1 / 6], [0, 0, 1]]
+_G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
+      (1 / 24, 1 / 12, 1 / 6), (1 / 24, -1 / 12, 1 / 6), (0, 0, 1))
 _A_T = ((1, 1, 1, 1, 1, 0), (0, 1, -1, 2, -2, 0), (0, 1, 1, 4, 4, 0), (0, 1, -1, 8, -8, 1))
 
 
 def transform_filter(weight: Tensor) -> Tensor:
-    """U = G w Gᵀ of a [C_out, C_in, 3, 3] filter, as [36, C_in, C_out] (computed in float64)."""
-    g = torch.tensor(_G, dtype=torch.float64, device=weight.device)
-    u = torch.einsum("ai,kcij,bj->abck", g, weight.double(), g)
-    return u.reshape(36, weight.shape[1], weight.shape[0]).to(weight.dtype).contiguous()
+    """U = G w Gᵀ of a [C_out, C_in, 3, 3] filter, as [36, C_out, C_in]: one product (G ⊗ G) · w_flatᵀ of
+    [36, 9] × [9, C_out·C_in] (row-major 3×3 → 6×6), in the weight's dtype (float32: within 1e-7 relative)."""
+    c_out, c_in = weight.shape[:2]
+    flat = weight.detach().reshape(c_out * c_in, 9)
+    return torch.mm(_kron(_G, weight.dtype, weight.device), flat.t()).view(36, c_out, c_in)
+
+
+def pays(x: Tensor) -> bool:
+    """Whether Winograd beats the direct convolution for x [B, C, H, W]: at least MIN_TILES 4×4 output tiles."""
+    b, _, h, w = x.shape
+    return b * (h // 4) * (w // 4) >= MIN_TILES
 
 
 @cache
-def _kron(rows: tuple[tuple[int, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+def _kron(rows: tuple[tuple[float, ...], ...], dtype: torch.dtype, device: torch.device) -> Tensor:
     """M ⊗ M: applies ``rows`` along both axes of a flattened (row-major) tile."""
     m = torch.tensor(rows, dtype=torch.float64)
     return torch.kron(m, m).to(dtype=dtype, device=device)
@@ -53,7 +65,7 @@ def _tile_rows(padded: Tensor, filt: Tensor, out: Tensor) -> None:
         for s in range(6):
             tiles[6 * r + s] = padded[:, r : r + 4 * n : 4, s : s + 4 * m : 4]
     v = torch.mm(_kron(_B_T, padded.dtype, padded.device), tiles.view(36, -1)).view(36, b * n * m, c)
-    y = torch.mm(_kron(_A_T, padded.dtype, padded.device), torch.bmm(v, filt).view(36, -1))
+    y = torch.mm(_kron(_A_T, padded.dtype, padded.device), torch.bmm(v, filt.transpose(1, 2)).view(36, -1))
     y, blocks = y.view(4, 4, b, n, m, -1), out.view(b, n, 4, m, 4, out.shape[-1])
     for i in range(4):
         for j in range(4):
@@ -65,12 +77,12 @@ def winograd_conv3x3(x: Tensor, filt: Tensor, bias: Tensor | None) -> Tensor:
     b, c, h, w = x.shape
     padded = x.new_zeros(b, h + 2, w + 2, c)
     padded[:, 1:-1, 1:-1] = x.permute(0, 2, 3, 1)
-    out = x.new_empty(b, h, w, filt.shape[-1])
+    out = x.new_empty(b, h, w, filt.shape[1])
     step = max(1, CHUNK_TILES // (b * (w // 4)))
     for r in range(0, h // 4, step):
         n = min(step, h // 4 - r)
         _tile_rows(padded[:, 4 * r : 4 * (r + n) + 2], filt, out[:, 4 * r : 4 * (r + n)])
-    result = x.new_empty(b, filt.shape[-1], h, w)
+    result = x.new_empty(b, filt.shape[1], h, w)
     if bias is None:
         return result.copy_(out.permute(0, 3, 1, 2))
     return torch.add(out.permute(0, 3, 1, 2), bias[:, None, None], out=result)
@@ -78,8 +90,8 @@ def winograd_conv3x3(x: Tensor, filt: Tensor, bias: Tensor | None) -> Tensor:
 
 class Conv3x3(nn.Conv2d):
     """nn.Conv2d(c_in, c_out, 3, padding=1) that, when ``winograd`` is set, evaluates float32 CPU inputs without
-    gradients (sides multiples of 4) with Winograd F(4×4, 3×3); the transformed filter is cached per weight
-    version. Same parameters and state-dict keys as nn.Conv2d."""
+    gradients (sides multiples of 4) where it ``pays`` with Winograd F(4×4, 3×3); the transformed filter is made
+    at the first such call and cached per weight version. Same parameters and state-dict keys as nn.Conv2d."""
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__(c_in, c_out, 3, padding=1)
@@ -94,6 +106,7 @@ class Conv3x3(nn.Conv2d):
 
     def forward(self, x: Tensor) -> Tensor:
         if (self.winograd and not torch.is_grad_enabled() and x.device.type == "cpu" and x.dtype == torch.float32
-                and self.weight.dtype == torch.float32 and x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0):
+                and self.weight.dtype == torch.float32 and x.shape[-2] % 4 == 0 and x.shape[-1] % 4 == 0
+                and pays(x)):
             return winograd_conv3x3(x, self._transformed(), self.bias)
         return F.conv2d(x, self.weight, self.bias, padding=1)
