@@ -1,0 +1,106 @@
+"""Batch streams for ``latentup.training.one_step.train``: ``stream(step)`` yields batches {hr, lr, hr_pixels} from
+optimizer step ``step`` on, so that a resumed run continues where it stopped.
+
+- ``shard_stream``: prepared latent-pair shards with their HR crops (``data.prepare.settings.pixels=true``), read
+  in the seeded epoch order of ``latentup.data.stream.EpochStream`` (the CPU path: encoding is paid once).
+- ``ImageCrops``: random crops of images held on the device, each turned or mirrored by one of the 8 symmetries
+  of the square, LR = antialiased bicubic ×½ rounded to uint8 (PIL's filter, a = −0.5), both encoded on the fly
+  (the GPU path: no shards to carry, every crop new).
+"""
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from latentup.data.stream import EpochStream, mix_seed
+from latentup.errors import InputError
+
+
+def shard_stream(root: str | Path, batch_size: int, seed: int = 0, device: str = "cpu", limit: int | None = None):
+    """``stream(step)`` over the shards in ``root`` (which must hold ``hr_pixels``), or over their first ``limit``
+    pairs (then the shards need not be complete: a fixed pool while a preparation goes on)."""
+    from torch.utils.data import Subset
+
+    from latentup.data.shards import LatentShardDataset
+
+    dataset = LatentShardDataset(root, require_complete=limit is None)
+    if limit is not None:
+        if limit > len(dataset):
+            raise InputError(f"{root} holds {len(dataset)} pairs, fewer than the {limit} asked for: prepare more "
+                             "or pass a smaller --pairs")
+        dataset = Subset(dataset, range(limit))
+    if "hr_pixels" not in dataset[0]:
+        raise InputError(f"{root} holds no HR pixels: prepare it with data.prepare.settings.pixels=true")
+    order = EpochStream(dataset, seed=seed)  # its seeded epoch permutations
+
+    def stream(step: int) -> Iterator[dict]:
+        position = step * batch_size
+        while True:
+            items = [dataset[order.index(p)] for p in range(position, position + batch_size)]
+            position += batch_size
+            yield {k: torch.stack([item[k] for item in items]).to(device) for k in ("hr", "lr", "hr_pixels")}
+
+    return stream
+
+
+def dihedral(x: Tensor, k: int) -> Tensor:
+    """Symmetry k (0..7) of the square applied to the last two axes: k % 4 quarter turns, mirrored when k >= 4."""
+    x = torch.rot90(x, k % 4, dims=(-2, -1))
+    return x.flip(-1) if k >= 4 else x
+
+
+def half_size(pixels: Tensor) -> Tensor:
+    """uint8 images ×½ by antialiased bicubic (PIL's a = −0.5 filter), rounded back to uint8."""
+    small = F.interpolate(pixels.float(), scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
+    return small.round().clamp(0, 255).to(torch.uint8)
+
+
+class ImageCrops:
+    """Random ``crop``-px crops of ``images`` (uint8 [3, H, W] tensors, each at least ``crop`` on both sides)."""
+
+    def __init__(self, images: list[Tensor], encode, batch_size: int, crop: int = 256, seed: int = 0,
+                 device: str = "cpu"):
+        self.images = [image.to(device) for image in images if min(image.shape[-2:]) >= crop]
+        if not self.images:
+            raise InputError(f"no training image is at least {crop} px on both sides")
+        self.encode, self.batch_size, self.crop, self.seed, self.device = encode, batch_size, crop, seed, device
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, encode, batch_size: int, crop: int = 256, seed: int = 0,
+                    device: str = "cpu", max_side: int | None = None) -> "ImageCrops":
+        """Every image under ``folder`` (recursive), larger ones shrunk to ``max_side`` first."""
+        from PIL import Image
+
+        images = []
+        for path in sorted(p for p in Path(folder).rglob("*") if p.suffix.lower() in {".png", ".jpg", ".jpeg"}):
+            image = Image.open(path).convert("RGB")
+            if max_side and max(image.size) > max_side:
+                scale = max_side / max(image.size)
+                image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
+            images.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
+                          .reshape(image.height, image.width, 3).permute(2, 0, 1).contiguous())
+        return cls(images, encode, batch_size, crop, seed, device)
+
+    def batch(self, step: int) -> dict:
+        """Batch ``step``: a pure function of (seed, step)."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, step))
+        crops = []
+        for _ in range(self.batch_size):
+            image = self.images[int(torch.randint(len(self.images), (), generator=generator))]
+            top = int(torch.randint(image.shape[-2] - self.crop + 1, (), generator=generator))
+            left = int(torch.randint(image.shape[-1] - self.crop + 1, (), generator=generator))
+            k = int(torch.randint(8, (), generator=generator))
+            crops.append(dihedral(image[:, top:top + self.crop, left:left + self.crop], k))
+        pixels = torch.stack(crops)
+        with torch.no_grad():
+            hr = self.encode(pixels.float() / 255).float()
+            lr = self.encode(half_size(pixels).float() / 255).float()
+        return {"hr": hr, "lr": lr, "hr_pixels": pixels}
+
+    def __call__(self, step: int) -> Iterator[dict]:
+        while True:
+            yield self.batch(step)
+            step += 1
