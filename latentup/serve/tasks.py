@@ -30,7 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latentup.atomic import write_atomic
 from latentup.errors import ConfigError, InputError, LatentupError
-from latentup.pipeline import MAX_SEED, MAX_STEPS
+from latentup.settings import MAX_SEED, MAX_STEPS
 
 UPSCALE_TYPES = ("upscale", "imageUpscale")  # current and legacy names; the response echoes the one received
 MODEL_AIR = "runware:502@1"
@@ -44,7 +44,7 @@ OUTPUT_TYPES = ("URL", "base64Data", "dataURI")
 SETTINGS = {"positivePrompt": ("prompt", str, None, None), "negativePrompt": ("negative_prompt", str, None, None),
             "seed": ("seed", int, 0, MAX_SEED), "steps": ("steps", int, 1, MAX_STEPS),
             "CFGScale": ("cfg_scale", float, 0, None), "clipSkip": ("clip_skip", int, 0, None)}
-COMPATIBILITY_SETTINGS = ("colorFix", "tileDiffusion")  # listed for this model by the SDK; accepted, no effect
+COMPATIBILITY_SETTINGS = ("colorFix", "tileDiffusion")  # booleans the SDK lists for this model; accepted, no effect
 UPSCALE_FIELDS = {"taskType", "taskUUID", "model", "inputs", "inputImage", "upscaleFactor", "settings", "outputType",
                   "outputFormat", "outputQuality", "includeCost", "deliveryMethod", "ttl"}
 TYPE_NAMES = {str: "text", int: "an integer", float: "a number", bool: "true or false", dict: "an object"}
@@ -157,6 +157,7 @@ def _settings(task: dict) -> dict:
     out = {}
     for key, value in given.items():
         if key in COMPATIBILITY_SETTINGS:
+            typed(value, bool, f"settings.{key}")
             continue
         if key not in SETTINGS:
             raise TaskError("invalidParameter", f"settings.{key} is not supported by {MODEL_AIR}: use "
