@@ -1,75 +1,79 @@
-"""A denoising model replayed from a CUDA graph: the sampler's U-Net call without per-kernel launch cost.
+"""A denoiser replayed from a CUDA graph: the sampler's U-Net call without per-kernel launch cost.
 
-``graphed(model)`` wraps ``model(x, sigma) -> x0`` (a denoiser with guidance applied, as the samplers take it).
-Every step of a sampling call has the same shapes, so on CUDA the first call runs the model eagerly on a side
-stream (the warm-up: cuDNN / cuBLAS pick their kernels and workspaces, and its result is the step's result),
-the second records the model into one ``torch.cuda.CUDAGraph`` over static input buffers, and every later call
+``GraphedDenoiser(D)`` wraps a denoiser ``D(x, sigma, **cond)`` that has ``prepare(**cond) -> cond`` (a
+``KarrasDenoiser``; ``latentup.diffusion.guidance`` calls ``prepare`` once per sampling call and passes its result
+to every step). Within one sampling call every step has the same shapes and the same conditioning tensors, so on
+CUDA the first step runs D eagerly on a side stream (the warm-up: cuDNN / cuBLAS choose their kernels and
+workspaces; its result is the step's result), the second records D into one ``torch.cuda.CUDAGraph`` over static
+buffers for x and sigma (the prepared conditioning is captured in place), and every later step
 
     static_x ← x,  static_sigma ← sigma,  replay,  return a copy of static_out
 
-is a handful of device copies and one graph launch: no Python, no allocator and no kernel launches per layer, and
-no host-device synchronisation (sigma stays on the device). No compiler is involved, so there is no compile wait.
-A new shape, dtype or device recaptures. Anything else (CPU, gradients enabled, a capture that fails) runs the
-model eagerly, with the same results.
+is two device copies and one graph launch: no Python, no allocator and no kernel launch per layer, and no
+host-device synchronisation (sigma stays on the device). No compiler is involved, so there is no compile wait. A new
+``prepare`` (the next sampling call), shape, dtype or device records anew. Anything else (CPU, gradients enabled,
+conditioning that is not the prepared one, a capture that fails) runs D eagerly, with the same results.
 """
 
 import warnings
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 
-class GraphedModel:
-    """``model(x, sigma)`` with CUDA-graph replay for static shapes; eager elsewhere (see the module docstring)."""
+class GraphedDenoiser(nn.Module):
+    """``denoiser(x, sigma, **cond)`` with CUDA-graph replay for static shapes; eager elsewhere (module docstring)."""
 
-    def __init__(self, model):
-        self.model = model
-        self.key = None  # (shape, dtype, device) of the current graph's inputs
-        self.graph: torch.cuda.CUDAGraph | None = None
-        self.static: tuple[Tensor, Tensor, Tensor] | None = None  # x, sigma, out
-        self.failed = False
-        self.warmed = None  # key of the last eager warm-up
+    def __init__(self, denoiser: nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+        self.enabled = True
+        self._prepared: dict | None = None  # the conditioning of the current sampling call
+        self._key = self._warmed = None  # input signature of the recorded graph / of the last warm-up
+        self._graph: torch.cuda.CUDAGraph | None = None
+        self._static: tuple[Tensor, Tensor, Tensor] | None = None  # x, sigma, out
 
-    def applies(self, x: Tensor, sigma: Tensor) -> bool:
-        return (not self.failed and x.is_cuda and torch.is_tensor(sigma) and sigma.device == x.device
-                and not torch.is_grad_enabled() and torch.cuda.is_current_stream_capturing() is False)
+    def prepare(self, **cond) -> dict:
+        """The wrapped denoiser's per-call conditioning; it starts a new graph."""
+        self._prepared = self.denoiser.prepare(**cond)
+        self._graph = self._static = self._key = self._warmed = None
+        return self._prepared
 
-    def __call__(self, x: Tensor, sigma: Tensor) -> Tensor:
-        if not self.applies(x, sigma):
-            return self.model(x, sigma)
-        key = (tuple(x.shape), x.dtype, x.device, tuple(sigma.shape))
-        if key == self.key:
-            static_x, static_sigma, static_out = self.static
+    def _applies(self, x: Tensor, sigma: Tensor, cond: dict) -> bool:
+        prepared = self._prepared
+        return (self.enabled and x.is_cuda and torch.is_tensor(sigma) and sigma.device == x.device
+                and not torch.is_grad_enabled() and prepared is not None and cond.keys() == prepared.keys()
+                and all(cond[k] is prepared[k] for k in cond))
+
+    def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
+        if not self._applies(x, sigma, cond):
+            return self.denoiser(x, sigma, **cond)
+        key = (tuple(x.shape), x.dtype, x.device, tuple(sigma.shape), sigma.dtype)
+        if key == self._key:
+            static_x, static_sigma, static_out = self._static
             static_x.copy_(x)
             static_sigma.copy_(sigma)
-            self.graph.replay()
+            self._graph.replay()
             return static_out.clone()
-        if key != self.warmed:  # first call at this shape: warm up on a side stream, keep its result
-            self.warmed = key
+        if key != self._warmed:  # first step at this signature: warm up on a side stream, keep its result
+            self._warmed = key
             stream = torch.cuda.Stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
-                out = self.model(x, sigma)
+                out = self.denoiser(x, sigma, **cond)
             torch.cuda.current_stream(x.device).wait_stream(stream)
             return out
-        return self._capture(key, x, sigma)
+        return self._capture(key, x, sigma, cond)
 
-    def _capture(self, key, x: Tensor, sigma: Tensor) -> Tensor:
-        self.graph = self.static = self.key = None
-        static_x, static_sigma = x.clone(), sigma.clone()
-        graph = torch.cuda.CUDAGraph()
+    def _capture(self, key, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
+        static_x, static_sigma, graph = x.clone(), sigma.clone(), torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
-                static_out = self.model(static_x, static_sigma)
-        except RuntimeError as error:  # an operation that cannot be captured: stay eager for good
+                static_out = self.denoiser(static_x, static_sigma, **cond)
+        except RuntimeError as error:  # an operation that cannot be recorded: stay eager
             warnings.warn(f"CUDA graph capture failed, running eagerly: {error}"[:500], stacklevel=3)
-            self.failed = True
-            return self.model(x, sigma)
-        self.graph, self.static, self.key = graph, (static_x, static_sigma, static_out), key
+            self.enabled = False
+            return self.denoiser(x, sigma, **cond)
+        self._graph, self._static, self._key = graph, (static_x, static_sigma, static_out), key
         graph.replay()
         return static_out.clone()
-
-
-def graphed(model) -> GraphedModel:
-    """``model(x, sigma) -> x0`` replayed from a CUDA graph where it applies (CUDA, no gradients, static shapes)."""
-    return model if isinstance(model, GraphedModel) else GraphedModel(model)
