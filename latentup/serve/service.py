@@ -72,6 +72,8 @@ class Service:
             return run_batch(self.upscaler, tasks, images)
         except Exception as error:
             if len(payloads) > 1:
+                log.warning("a batch of %d failed (%s: %s): running its tasks one by one", len(payloads),
+                            type(error).__name__, error)
                 return [self._run([payload])[0] for payload in payloads]
             return [error]
 
