@@ -38,6 +38,7 @@ def test_winograd_is_exact_in_float64_on_an_analytic_case():
 
 
 def test_conv3x3_uses_winograd_only_where_it_applies(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
     conv = Conv3x3(8, 8)
     assert list(conv.state_dict()) == ["weight", "bias"]
     calls = []
@@ -51,12 +52,16 @@ def test_conv3x3_uses_winograd_only_where_it_applies(monkeypatch):
         conv(torch.randn(1, 8, 12, 16))  # 12 tiles: the direct convolution is as fast
         assert conv._filter is not None
         conv(torch.randn(1, 8, 14, 16))  # side not a multiple of 4
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 16)
+        conv(x)  # too few channels for Winograd to pay
+        monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
         conv.double()(x.double())  # float64
     conv.float()(x)  # gradients enabled (training)
     assert calls == [x.shape]
 
 
-def test_filter_is_transformed_only_at_a_call_that_pays():
+def test_filter_is_transformed_only_at_a_call_that_pays(monkeypatch):
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 8)
     conv = Conv3x3(8, 8)
     conv.winograd = True
     with torch.no_grad():
@@ -87,9 +92,10 @@ def test_conv3x3_follows_in_place_weight_updates():
     assert not torch.allclose(before, after)
 
 
-def test_unet_with_winograd_matches_direct():
+def test_unet_with_winograd_matches_direct(monkeypatch):
     from latentup.nn.unet import UNet, UNetConfig
 
+    monkeypatch.setattr(winograd, "MIN_CHANNELS", 1)
     torch.manual_seed(0)
     unet = UNet(UNetConfig(channels=(32, 32, 64), depths=(1, 1, 1), head_dim=16, cross_attention_dim=8,
                            self_attn=(False, False, True), cross_attn=(False, True, True), mapping_dim=64,

@@ -11,10 +11,11 @@ of ~``CHUNK_TILES`` so that a chunk's transformed data stays in cache. On this p
 convolution already runs at the matmul rate, so this is the one way left to do the same layer faster (1.5–2.2× on
 the released U-Net's shapes; docs/performance.md). The price: the cached transformed filter is 4× the weight
 (36 vs 9 values per filter), and computing it (one [36, 9] × [9, C_out·C_in] product, ~40 ms for a 768×768 filter
-on one core) before the first call. So a layer switches to Winograd only where it pays: at calls of at least
-``MIN_TILES`` 4×4 output tiles (batch · H · W / 16; below that the direct convolution is as fast: a 768-channel
-8×8 map at batch 2, 8 tiles, ran at 0.95× of direct), and its filter is transformed at its first such call
-(lazily: the deepest levels of a small latent never pay for one). GPUs keep their own (cuDNN) algorithms.
+on one core) before the first call. So a layer switches to Winograd only where it pays (measured, one thread): at
+least ``MIN_CHANNELS`` input channels (128–192-channel convs ran at 0.8–1.2× of direct, 256 at 1.1–1.6×, 384 at
+1.7–2×) and calls of at least ``MIN_TILES`` 4×4 output tiles (batch · H · W / 16; a 768-channel 8×8 map at batch 2,
+8 tiles, ran at 0.7–0.95×); its filter is transformed at its first such call (lazily: the deepest levels of a small
+latent never pay for one). GPUs keep their own (cuDNN) algorithms.
 """
 
 from functools import cache
@@ -25,6 +26,7 @@ from torch import Tensor, nn
 
 CHUNK_TILES = 128
 MIN_TILES = 16
+MIN_CHANNELS = 256
 _B_T = ((4, 0, -5, 0, 1, 0), (0, -4, -4, 1, 1, 0), (0, 4, -4, -1, 1, 0),
         (0, -2, -1, 2, 1, 0), (0, 2, -1, -2, 1, 0), (0, 4, 0, -5, 0, 1))
 _G = ((1 / 4, 0, 0), (-1 / 6, -1 / 6, -1 / 6), (-1 / 6, 1 / 6, -1 / 6),
@@ -41,9 +43,10 @@ def transform_filter(weight: Tensor) -> Tensor:
 
 
 def pays(x: Tensor) -> bool:
-    """Whether Winograd beats the direct convolution for x [B, C, H, W]: at least MIN_TILES 4×4 output tiles."""
-    b, _, h, w = x.shape
-    return b * (h // 4) * (w // 4) >= MIN_TILES
+    """Whether Winograd beats the direct convolution for x [B, C, H, W]: at least MIN_CHANNELS channels and
+    MIN_TILES 4×4 output tiles."""
+    b, c, h, w = x.shape
+    return c >= MIN_CHANNELS and b * (h // 4) * (w // 4) >= MIN_TILES
 
 
 @cache
