@@ -312,3 +312,29 @@ def test_sigterm_drains(server, photo):
     assert process.wait(timeout=60) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once it has drained
     codes = sorted(m["errors"][0]["code"] if "errors" in m else m["data"][0]["taskUUID"] for m in got)
     assert codes == sorted([slow["taskUUID"], "serverShuttingDown"])
+
+
+def test_full_queue_and_timeout_are_per_task_errors(upscaler, photo, tmp_path):
+    """In process: with room for one waiting task, a third concurrent one gets queueFull; a task over task_timeout
+    gets timeoutProvider; the others are answered."""
+    from latentup.serve.service import Service
+    from latentup.serve.store import ImageStore
+
+    async def main(timeout, sizes):
+        service = Service(upscaler, ImageStore(tmp_path, 60), dict(max_queue=1, max_batch=1), task_timeout=timeout)
+        worker = asyncio.ensure_future(service.batcher.run_forever())
+        tasks = [task(png_base64(photo.resize(size)), settings={"steps": 20, "seed": 0}) for size in sizes]
+        first = asyncio.ensure_future(service.answer(tasks[0]))
+        while not service.batcher.running:  # the first task holds the model
+            await asyncio.sleep(0.01)
+        answers = await asyncio.gather(first, *(service.answer(t) for t in tasks[1:]))
+        await service.drain(timeout=60)
+        worker.cancel()
+        service.batcher.close()
+        return [a.get("errors", a.get("data"))[0] for a in answers]
+
+    answers = asyncio.run(main(60, [(64, 48), (48, 64), (32, 32)]))
+    assert "imageBase64Data" in answers[0] and "imageBase64Data" in answers[1]
+    assert (answers[2]["code"], answers[2]["taskUUID"]) == ("queueFull", answers[2]["taskUUID"])
+    [late] = asyncio.run(main(0.05, [(64, 48)]))
+    assert late["code"] == "timeoutProvider" and late["parameter"] is None
