@@ -39,6 +39,8 @@ def train(args) -> None:
     recipe = Recipe.from_file(args.recipe)
     if args.batch_size:
         recipe.batch_size = args.batch_size
+    if args.init:
+        recipe.init_weights = str(args.init)
     if (args.shards is None) == (args.images is None):
         raise ConfigError("pass exactly one of --shards DIR (prepared pairs with HR pixels) or --images DIR")
     budgets = sorted(h * 3600 for h in args.hours) if args.hours else [args.minutes * 60]
@@ -110,6 +112,7 @@ def main() -> None:
     t.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     t.add_argument("--device", default="cpu")
     t.add_argument("--batch-size", type=int, help="override the recipe's batch size")
+    t.add_argument("--init", type=Path, help="start from these weights (overrides the recipe's init_weights)")
     t.add_argument("--checkpoint-every", type=float, default=300, help="clock seconds between last.pt writes")
     t.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("table", help="evaluate every export of the runs and print the table")

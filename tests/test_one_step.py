@@ -13,7 +13,7 @@ from latentup.errors import ConfigError, InputError
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.pipeline import Upscaler
 from latentup.training.one_step import RECOMMENDED, Curriculum, Recipe, export, one_step_loss, predict, train
-from latentup.training.one_step_data import ImageCrops, dihedral, half_size, shard_stream
+from latentup.training.one_step_data import ImageCrops, half_size, shard_stream
 from latentup.weights.single_file import load_upscaler
 
 TINY = {"in_channels": 8, "out_channels": 4, "channels": (32, 64), "depths": (1, 1), "self_attn": (False, False),
@@ -124,8 +124,11 @@ def test_crops_are_pure_functions_of_the_step_and_lr_follows_pil(shared_dir):
     a, b = crops.batch(4), crops.batch(4)
     assert torch.equal(a["hr_pixels"], b["hr_pixels"]) and a["hr_pixels"].shape == (3, 3, 32, 32)
     assert not torch.equal(a["hr_pixels"], crops.batch(5)["hr_pixels"])
-    square = torch.arange(16).reshape(1, 4, 4)
-    assert len({tuple(dihedral(square, k).flatten().tolist()) for k in range(8)}) == 8
+    square = torch.arange(3 * 32 * 32).reshape(3, 32, 32).to(torch.uint8)
+    cut = ImageCrops([square], encode=lambda x: x, batch_size=64, crop=32).batch(0)["hr_pixels"]
+    symmetries = {tuple(t.flatten().tolist()) for k in range(4) for t in (square.rot90(k, (1, 2)),
+                                                                          square.rot90(k, (1, 2)).flip(2))}
+    assert {tuple(c.flatten().tolist()) for c in cut} == symmetries  # all 8, and nothing else
     photo = Image.open(sorted((shared_dir / "datasets" / "eval" / "Set5").glob("*.png"))[1]).convert("RGB")
     photo = photo.crop((0, 0, 128, 128))
     pil = numpy.array(photo.resize((64, 64), Image.BICUBIC)).astype(int)

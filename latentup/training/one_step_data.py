@@ -4,7 +4,7 @@ optimizer step ``step`` on, so that a resumed run continues where it stopped.
 - ``shard_stream``: prepared latent-pair shards with their HR crops (``data.prepare.settings.pixels=true``), read
   in the seeded epoch order of ``latentup.data.stream.EpochStream`` (the CPU path: encoding is paid once).
 - ``ImageCrops``: random crops of images held on the device, each turned or mirrored by one of the 8 symmetries
-  of the square, LR = antialiased bicubic ×½ rounded to uint8 (PIL's filter, a = −0.5), both encoded on the fly
+  of the square (cut for the whole batch by one gather), LR = antialiased bicubic ×½ rounded to uint8 (PIL's filter, a = −0.5), both encoded on the fly
   (the GPU path: no shards to carry, every crop new).
 """
 
@@ -46,12 +46,6 @@ def shard_stream(root: str | Path, batch_size: int, seed: int = 0, device: str =
     return stream
 
 
-def dihedral(x: Tensor, k: int) -> Tensor:
-    """Symmetry k (0..7) of the square applied to the last two axes: k % 4 quarter turns, mirrored when k >= 4."""
-    x = torch.rot90(x, k % 4, dims=(-2, -1))
-    return x.flip(-1) if k >= 4 else x
-
-
 def half_size(pixels: Tensor) -> Tensor:
     """uint8 images ×½ by antialiased bicubic (PIL's a = −0.5 filter), rounded back to uint8."""
     small = F.interpolate(pixels.float(), scale_factor=0.5, mode="bicubic", antialias=True, align_corners=False)
@@ -59,19 +53,28 @@ def half_size(pixels: Tensor) -> Tensor:
 
 
 class ImageCrops:
-    """Random ``crop``-px crops of ``images`` (uint8 [3, H, W] tensors, each at least ``crop`` on both sides)."""
+    """Random ``crop``-px crops of ``images`` (uint8 [3, H, W] tensors; those smaller than ``crop`` are dropped),
+    kept on the device in one zero-padded stack and cut for a whole batch by one gather: sample i takes image
+    m_i at a uniform offset inside its own size, under symmetry s_i of the square (bit 2: transpose, bits 0 / 1:
+    flip rows / columns; the 8 combinations are the 8 symmetries)."""
 
     def __init__(self, images: list[Tensor], encode, batch_size: int, crop: int = 256, seed: int = 0,
                  device: str = "cpu"):
-        self.images = [image.to(device) for image in images if min(image.shape[-2:]) >= crop]
-        if not self.images:
+        images = [image for image in images if min(image.shape[-2:]) >= crop]
+        if not images:
             raise InputError(f"no training image is at least {crop} px on both sides")
+        height, width = (max(image.shape[d] for image in images) for d in (1, 2))
+        self.stack = torch.zeros(len(images), 3, height, width, dtype=torch.uint8, device=device)
+        for i, image in enumerate(images):
+            self.stack[i, :, :image.shape[1], :image.shape[2]] = image
+        self.sizes = torch.tensor([image.shape[1:] for image in images], device=device)
         self.encode, self.batch_size, self.crop, self.seed, self.device = encode, batch_size, crop, seed, device
 
     @classmethod
     def from_folder(cls, folder: str | Path, encode, batch_size: int, crop: int = 256, seed: int = 0,
                     device: str = "cpu", max_side: int | None = None) -> "ImageCrops":
-        """Every image under ``folder`` (recursive), larger ones shrunk to ``max_side`` first."""
+        """Every image under ``folder`` (recursive), larger ones shrunk to ``max_side`` first, portrait ones
+        transposed (a symmetry the crops draw anyway; the padded stack stays small)."""
         from PIL import Image
 
         images = []
@@ -80,21 +83,25 @@ class ImageCrops:
             if max_side and max(image.size) > max_side:
                 scale = max_side / max(image.size)
                 image = image.resize((round(image.width * scale), round(image.height * scale)), Image.BICUBIC)
-            images.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8)
-                          .reshape(image.height, image.width, 3).permute(2, 0, 1).contiguous())
+            pixels = torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8).reshape(image.height, image.width, 3)
+            images.append((pixels.transpose(0, 1) if image.height > image.width else pixels).permute(2, 0, 1).contiguous())
         return cls(images, encode, batch_size, crop, seed, device)
 
     def batch(self, step: int) -> dict:
         """Batch ``step``: a pure function of (seed, step)."""
         generator = torch.Generator().manual_seed(mix_seed(self.seed, step))
-        crops = []
-        for _ in range(self.batch_size):
-            image = self.images[int(torch.randint(len(self.images), (), generator=generator))]
-            top = int(torch.randint(image.shape[-2] - self.crop + 1, (), generator=generator))
-            left = int(torch.randint(image.shape[-1] - self.crop + 1, (), generator=generator))
-            k = int(torch.randint(8, (), generator=generator))
-            crops.append(dihedral(image[:, top:top + self.crop, left:left + self.crop], k))
-        pixels = torch.stack(crops)
+        n = self.batch_size
+        which = torch.randint(len(self.stack), (n,), generator=generator).to(self.device)
+        offsets = torch.rand(n, 2, generator=generator).to(self.device)
+        symmetry = torch.randint(8, (n, 1, 1), generator=generator).to(self.device)
+        top, left = (offsets * (self.sizes[which] - self.crop + 1)).long().unbind(1)
+        grid = torch.arange(self.crop, device=self.device)
+        rows, cols = grid.view(1, -1, 1).expand(n, -1, self.crop), grid.view(1, 1, -1).expand(n, self.crop, -1)
+        transpose = symmetry & 4 != 0
+        rows, cols = torch.where(transpose, cols, rows), torch.where(transpose, rows, cols)
+        rows = torch.where(symmetry & 1 != 0, self.crop - 1 - rows, rows) + top.view(-1, 1, 1)
+        cols = torch.where(symmetry & 2 != 0, self.crop - 1 - cols, cols) + left.view(-1, 1, 1)
+        pixels = self.stack[which.view(-1, 1, 1), :, rows, cols].permute(0, 3, 1, 2).contiguous()
         with torch.no_grad():
             hr = self.encode(pixels.float() / 255).float()
             lr = self.encode(half_size(pixels).float() / 255).float()
