@@ -7,16 +7,18 @@
 Writes results.md, summary.json, per_image.csv and grids/ under output_dir and prints the tables.
 """
 
-import hydra
+from pathlib import Path
+
 from omegaconf import DictConfig
 
+from latentup.cli import command
 from latentup.errors import exit_on_error
 
+FREE_TEXT = ("prompt", "output_dir", "data_root", "lpips_backbone", "fid")
 
-@hydra.main(version_base=None, config_path="configs", config_name="evaluate")
+
+@command(Path(__file__).parent / "configs", "evaluate", __doc__, FREE_TEXT)
 def main(cfg: DictConfig) -> None:
-    from pathlib import Path
-
     from latentup.evaluation.run import from_config
 
     with exit_on_error():

@@ -15,7 +15,11 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
+from latentup.cli import command
 from latentup.errors import ConfigError, exit_on_error
+
+FREE_TEXT = ("name", "ckpt_path", "paths.data", "paths.weights", "paths.runs", "paths.pairs", "data.root",
+             "data.prepare.settings.source", "data.module.val.root")
 
 
 def resolve_precision(precision):
@@ -91,9 +95,11 @@ def build_module(cfg: DictConfig, autoencoder, text_encoder):
 def build_trainer(cfg: DictConfig):
     from hydra.utils import instantiate
 
+    from latentup.training.callbacks import RemovePartialCheckpoints
     from latentup.training.checkpoint_io import AtomicCheckpointIO
 
     callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    callbacks.append(RemovePartialCheckpoints())  # what AtomicCheckpointIO leaves when a run is killed mid-write
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
     return instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision), callbacks=callbacks,
                        logger=loggers, plugins=[AtomicCheckpointIO()])
@@ -201,7 +207,7 @@ def run(cfg: DictConfig) -> None:
         raise ConfigError(f"unknown stage {cfg.stage!r}: use prepare, fit, validate or export")
 
 
-@hydra.main(version_base=None, config_path="configs", config_name="train")
+@command(Path(__file__).parent / "configs", "train", __doc__, FREE_TEXT)
 def main(cfg: DictConfig) -> None:
     with exit_on_error():
         run(cfg)
