@@ -3,7 +3,8 @@
 Search order for a file named relative to the weights folder (e.g. ``taesd/taesd_encoder.safetensors``):
 1. ``$LATENTUP_WEIGHTS/<relpath>`` (CI points this at ``../shared/weights``);
 2. the Hugging Face cache entry ``hub_repo/hub_filename``, looked up without any network access;
-3. a download from the hub, only when the caller passes ``download=True``.
+3. a download from the hub, only when the caller passes ``download=True`` (``download=true`` on the command line)
+   and offline mode (``HF_HUB_OFFLINE``) is off.
 """
 
 import os
@@ -31,6 +32,10 @@ def find_file(relpath: str, hub_repo: str | None = None, hub_filename: str | Non
         cached = try_to_load_from_cache(hub_repo, hub_filename or relpath)
         if isinstance(cached, str) and Path(cached).is_file():
             return Path(cached)
+        if download and offline():
+            raise WeightsNotFoundError(f"{hub_repo}/{hub_filename or relpath} is not in the Hugging Face cache and "
+                                       f"HF_HUB_OFFLINE is set: unset it to download, or put the file at "
+                                       f"${WEIGHTS_ENV}/{relpath}")
         if download:
             try:
                 return Path(hf_hub_download(hub_repo, hub_filename or relpath))
@@ -40,5 +45,13 @@ def find_file(relpath: str, hub_repo: str | None = None, hub_filename: str | Non
                     f"check the network or put the file at ${WEIGHTS_ENV}/{relpath}"
                 ) from None
     where = f"${WEIGHTS_ENV}/{relpath}" + ("" if folder else f" (set {WEIGHTS_ENV} to a weights folder)")
-    hub = f", in the Hugging Face cache of {hub_repo}, or pass download=True" if hub_repo else ""
+    hub = ""
+    if hub_repo:
+        fetch = "unset HF_HUB_OFFLINE and pass download=true" if offline() else "pass download=true"
+        hub = f", in the Hugging Face cache of {hub_repo}, or {fetch} to fetch it"
     raise WeightsNotFoundError(f"weights file {relpath} not found: put it at {where}{hub}")
+
+
+def offline() -> bool:
+    """Whether ``HF_HUB_OFFLINE`` forbids the hub (as huggingface_hub reads it)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "on", "yes", "true")

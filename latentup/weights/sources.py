@@ -11,10 +11,13 @@ from pathlib import Path
 
 import torch
 
-from latentup.errors import WeightsNotFoundError
-from latentup.nn.unet import UNetConfig
+from latentup.errors import LatentupError, WeightsMismatchError, WeightsNotFoundError
+from latentup.nn.unet import UNet, UNetConfig
 from latentup.weights.files import find_in_folder, read_state_dict
 from latentup.weights.single_file import is_upscaler_file, load_upscaler
+from latentup.weights.strict import mismatch_report
+
+STRUCTURE = ("in_channels", "out_channels", "channels", "depths")  # what the tensors alone determine
 
 
 @dataclass
@@ -28,11 +31,46 @@ class UpscalerParts:
     meta: dict = field(default_factory=dict)
 
 
+def checked_config(make_config, state: dict, source) -> UNetConfig:
+    """The UNetConfig that ``make_config()`` builds from a file's metadata, checked against the file's tensors
+    before any real allocation (a tampered config must not allocate 65536-channel layers): unusable values or a
+    structure the tensors do not have are one-line WeightsMismatchErrors."""
+    from latentup.weights.kdiffusion import config_from_state_dict
+
+    fix = "the file's config is damaged: export or download the weights again"
+    try:
+        config = make_config()
+    except (LatentupError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WeightsMismatchError(f"{source}: unusable U-Net config ({reason}); {fix}") from None
+    implied = config_from_state_dict(state)
+    differs = [f"{k} {getattr(config, k)} != {getattr(implied, k)}" for k in STRUCTURE
+               if getattr(config, k) != getattr(implied, k)]
+    if differs:
+        raise WeightsMismatchError(f"{source}: the U-Net config does not match the tensors ({'; '.join(differs)}); {fix}")
+    try:
+        with torch.device("meta"):
+            expected = {k: v.shape for k, v in UNet(config).state_dict().items()}
+    except (RuntimeError, ValueError, TypeError, ArithmeticError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise WeightsMismatchError(f"{source}: unusable U-Net config ({reason}); {fix}") from None
+    report = mismatch_report(expected, state)
+    if report:
+        raise WeightsMismatchError(f"{source}: the U-Net config does not match the tensors ({report}); {fix}")
+    return config
+
+
 def _unet_folder(folder: Path) -> tuple[UNetConfig, dict]:
     config_path = folder / "config.json"
     if not config_path.is_file():
         raise WeightsNotFoundError(f"{config_path} is missing: a diffusers unet/ folder needs config.json")
-    return UNetConfig.from_diffusers(json.loads(config_path.read_text())), read_state_dict(find_in_folder(folder))
+    try:
+        fields = json.loads(config_path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise WeightsMismatchError(f"{config_path} is not readable JSON ({type(error).__name__}): "
+                                   "download or export the weights again") from None
+    state = read_state_dict(find_in_folder(folder))
+    return checked_config(lambda: UNetConfig.from_diffusers(fields), state, config_path), state
 
 
 def _diffusers_pipeline(root: Path) -> UpscalerParts:
@@ -64,8 +102,9 @@ def resolve_weights(weights) -> UpscalerParts:
         raise WeightsNotFoundError(f"{path} is neither a diffusers pipeline folder (model_index.json) nor a unet/ folder")
     if is_upscaler_file(path):
         file = load_upscaler(path)
+        fields = {k: tuple(v) if isinstance(v, list) else v for k, v in file.unet_config.items()}
         return UpscalerParts(
-            UNetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in file.unet_config.items()}),
+            checked_config(lambda: UNetConfig(**fields), file.unet_state, path),
             file.unet_state,
             file.noise_fourier,
             autoencoder=file.meta.get("autoencoder"),

@@ -34,12 +34,17 @@ def mismatch_report(expected: Mapping[str, torch.Size], given: Mapping[str, torc
 
 
 def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str = "model") -> nn.Module:
-    """Load ``state_dict`` into ``module`` (persistent entries only), all keys and shapes checked first."""
+    """Load ``state_dict`` into ``module`` (persistent entries only), all keys and shapes checked first, and every
+    value finite (NaN or infinite weights would only give black images)."""
     expected = {k: v.shape for k, v in module.state_dict().items()}
     report = mismatch_report(expected, state_dict)
     if report:
         raise WeightsMismatchError(
             f"{what} weights do not fit the {what} config ({report}); check that the weights and config belong together"
         )
+    broken = [k for k, v in state_dict.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise WeightsMismatchError(f"{what} weights hold NaN or infinite values in {len(broken)} tensors "
+                                   f"({_first(broken)}): the file is damaged; download or export it again")
     module.load_state_dict(dict(state_dict), strict=True)
     return module
