@@ -9,18 +9,26 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from latentup.atomic import write_atomic
-from latentup.errors import InputError
+from latentup.errors import InputError, LatentupError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
+HIGH_BIT = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1}  # mode -> white
 
 
-def load_image(path) -> Image.Image:
-    """Open an image with its EXIF orientation applied; a one-line InputError when it is missing or corrupt."""
+def load_image(path, max_pixels: int | None = None) -> Image.Image:
+    """Open an image with its EXIF orientation applied; a one-line InputError when it is missing, a folder, corrupt
+    or (read from the header, before decoding) larger than ``max_pixels`` (width x height; None: PIL's own limit)."""
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"input {path} is a folder, not an image: pass an image file (or the folder as input)")
     if not path.is_file():
         raise InputError(f"input image {path} does not exist: check the path")
     try:
         with Image.open(path) as image:
+            width, height = image.size
+            if max_pixels is not None and width * height > max_pixels:
+                raise InputError(f"input {path} is {width}x{height} = {width * height} pixels, over max_pixels="
+                                 f"{max_pixels}: downscale or crop it (or raise max_pixels)")
             image.load()
             return ImageOps.exif_transpose(image)
     except Image.DecompressionBombError as error:  # the header's size is over PIL's limit: refused before decoding
@@ -32,16 +40,20 @@ def load_image(path) -> Image.Image:
 
 
 def list_images(folder) -> list[Path]:
-    """Image files of a folder, sorted by name; an InputError when there are none."""
-    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    """Image files of a folder, sorted by name (a sub-folder named like an image is not one); an InputError when
+    there are none."""
+    files = sorted(p for p in Path(folder).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise InputError(f"folder {folder} holds no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
     return files
 
 
 def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None, str]:
-    """(RGB image, alpha channel or None, original mode); palette and greyscale images become RGB."""
+    """(RGB image, alpha channel or None, original mode); palette and greyscale images become RGB, except
+    high-bit-depth greyscale (16-bit, 32-bit integer, float), which :func:`to_tensor` reads at full precision."""
     mode = image.mode
+    if mode in HIGH_BIT:
+        return image, None, mode
     alpha = None
     if mode in ("RGBA", "LA") or (mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
@@ -52,7 +64,7 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None, st
 
 def merge_alpha(rgb: Image.Image, alpha: Image.Image | None, mode: str) -> Image.Image:
     """Undo :func:`split_alpha` on the 2x result (alpha enlarged with a bicubic filter)."""
-    if mode in ("L", "I", "I;16", "F"):
+    if mode == "L" or mode in HIGH_BIT:
         return rgb.convert("L")
     if alpha is None:
         return rgb
@@ -62,12 +74,25 @@ def merge_alpha(rgb: Image.Image, alpha: Image.Image | None, mode: str) -> Image
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [1, 3, H, W] in [0, 1]."""
+    """RGB PIL image -> float32 [1, 3, H, W] in [0, 1]. High-bit-depth greyscale maps its own white to 1
+    (65535 for 16-bit and 32-bit integer images, 1.0 for float ones; clipped), repeated on the three channels."""
+    if image.mode in HIGH_BIT:
+        grey = np.clip(np.asarray(image, dtype=np.float32) / HIGH_BIT[image.mode], 0, 1)
+        return torch.from_numpy(grey)[None, None].expand(1, 3, *grey.shape).contiguous()
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
 
+def check_finite(values: torch.Tensor, what: str) -> None:
+    """A one-line LatentupError (nothing gets written) when a result holds NaN or infinite values."""
+    if not values.isfinite().all():
+        raise LatentupError(f"the {what} holds NaN or infinite values (nothing written): the weights are broken or "
+                            "the dtype overflowed; try dtype=float32 or other weights")
+
+
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """[B, 3, H, W] in [0, 1] -> uint8 PIL images (rounded, as diffusers' postprocessing)."""
+    """[B, 3, H, W] in [0, 1] -> uint8 PIL images (rounded, as diffusers' postprocessing); non-finite values are
+    refused (they would turn black)."""
+    check_finite(images, "upscaled image")
     arrays = (images.detach().float().clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in arrays]
 
@@ -100,13 +125,14 @@ def image_format(path) -> str:
     return fmt
 
 
-def save_image(image: Image.Image, path, quality: int = 95) -> Path:
-    """Write an image atomically; the format follows the suffix (JPEG drops alpha)."""
+def save_image(image: Image.Image, path, quality: int = 95, overwrite: bool = True) -> Path:
+    """Write an image atomically; the format follows the suffix (JPEG drops alpha). ``overwrite=False``: an
+    InputError instead of replacing a file that exists (also one another process wrote meanwhile)."""
     path = Path(path)
     fmt = image_format(path)
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
-    return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality))
+    return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality), overwrite=overwrite)
 
 
 def load_latent(path) -> torch.Tensor:
@@ -132,6 +158,8 @@ def load_latent(path) -> torch.Tensor:
     return latent
 
 
-def save_latent(latent: torch.Tensor, path) -> Path:
-    """Write ``{"latent": latent}`` atomically."""
-    return write_atomic(Path(path), lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, tmp))
+def save_latent(latent: torch.Tensor, path, overwrite: bool = True) -> Path:
+    """Write ``{"latent": latent}`` atomically (refused when not finite; ``overwrite`` as in :func:`save_image`)."""
+    check_finite(latent, "upscaled latent")
+    return write_atomic(Path(path), lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, tmp),
+                        overwrite=overwrite)
