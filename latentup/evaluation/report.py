@@ -6,6 +6,7 @@ summary only, computed from one feature file per image, ``{row: [2048] pool3 fea
 """
 
 import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -28,29 +29,42 @@ SCALE = {"kid": 1e3}
 
 
 def read_records(path: str | Path) -> list[dict]:
-    """Records of a per-image CSV (metric values as floats); a missing file is empty, a torn last line skipped."""
+    """Records of a per-image CSV (metric values as floats); a missing file is empty. Only whole, consistent rows
+    count: ended by a line break (a row cut by a kill is not), one value per header field, set / image / row
+    named, positive integer sizes, numeric metrics. Anything else is left out, so its image is computed again."""
     path = Path(path)
     if not path.is_file():
         return []
+    data = path.read_bytes()
+    text = data[: _complete_length(data)].decode("utf-8", errors="replace")
     records = []
-    with path.open(newline="") as handle:
-        for raw in csv.DictReader(handle):
-            if any(raw.get(k) in (None, "") for k in KEYS):
-                continue
-            try:
-                metrics = {k: float(raw[k]) for k in METRICS if raw.get(k) not in (None, "")}
-                record = {**{k: raw[k] for k in KEYS[:3]}, "width": int(raw["width"]), "height": int(raw["height"])}
-            except ValueError:
-                continue
+    for raw in csv.DictReader(io.StringIO(text, newline="")):
+        if None in raw or None in raw.values() or any(raw.get(k) in (None, "") for k in KEYS):
+            continue
+        try:
+            metrics = {k: float(raw[k]) for k in METRICS if raw.get(k) not in (None, "")}
+            record = {**{k: raw[k] for k in KEYS[:3]}, "width": int(raw["width"]), "height": int(raw["height"])}
+        except ValueError:
+            continue
+        if record["width"] > 0 and record["height"] > 0 and metrics:
             records.append({**record, **metrics})
     return records
 
 
+def _complete_length(data: bytes) -> int:
+    """Length of ``data`` up to its last line break (what a writer killed mid-row left complete)."""
+    return max(data.rfind(b"\n"), data.rfind(b"\r")) + 1
+
+
 def append_records(path: str | Path, records: Iterable[dict]) -> None:
-    """Append records (writing the header first for a new file) and flush, so a crash loses at most one batch."""
+    """Append records (writing the header first for a new file) and flush, so a crash loses at most one batch. A row
+    cut by an earlier crash is removed first, so that the new rows start on a line of their own."""
     path = Path(path)
-    new = not path.is_file() or path.stat().st_size == 0
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_file():
+        with path.open("r+b") as handle:
+            handle.truncate(_complete_length(handle.read()))
+    new = not path.is_file() or path.stat().st_size == 0
     with path.open("a", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=FIELDS, extrasaction="ignore")
         if new:

@@ -1,5 +1,5 @@
-"""Training callbacks: step timing (steps/s, samples/s) written to ``timing.json`` at the end of training, and a
-progress bar counted in optimizer steps."""
+"""Training callbacks: step timing (steps/s, samples/s) written to ``timing.json`` at the end of training, a
+progress bar counted in optimizer steps, and the removal of checkpoints a killed run left half-written."""
 
 import json
 import time
@@ -8,7 +8,7 @@ from pathlib import Path
 import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
-from latentup.atomic import write_text_atomic
+from latentup.atomic import stale_temporaries, write_text_atomic
 
 
 class StepTimer(L.Callback):
@@ -73,3 +73,17 @@ class StepProgressBar(TQDMProgressBar):
         if self._should_update(step, bar.total):
             bar.n = step
             bar.set_postfix(self.get_metrics(trainer, pl_module))  # refreshes the bar
+
+
+class RemovePartialCheckpoints(L.Callback):
+    """Before training, delete the hidden temporaries (``.step0000250.<random>.ckpt``) that a run killed while
+    writing a checkpoint left in the checkpoint folders (``AtomicCheckpointIO`` never renamed them: they are
+    incomplete). Rank zero only, before any checkpoint of this run is written."""
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero:
+            return
+        for callback in trainer.checkpoint_callbacks:
+            for partial in stale_temporaries(callback.dirpath or "", ".ckpt"):
+                partial.unlink(missing_ok=True)
+                print(f"removed the partial checkpoint {partial} of an interrupted run")
