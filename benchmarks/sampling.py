@@ -7,7 +7,8 @@ diffusers / latentup, peak memory, the latent difference, the U-Net TFLOP per st
 fraction of the device's measured matmul peak that sampling achieved.
 
     python benchmarks/sampling.py                                  # CPU: 128->256 and 256->512 px, 4 steps
-    python benchmarks/sampling.py --device cuda --variants eager compile reduce-overhead --big 2048
+    python benchmarks/sampling.py --device cuda --variants eager eager-nograph reduce-overhead --big 2048
+    python benchmarks/sampling.py --tiny --sizes 64 --steps 2      # shrunk configs: a smoke test in seconds
 
 Needs the test extras (diffusers, transformers). Results: a markdown table on stdout, JSON lines in ``--out``.
 """
@@ -27,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from latentup.autoencoders import load_autoencoder
 from latentup.autoencoders.kl import AutoencoderKL, KLConfig
+from latentup.diffusion.graphed import GraphedDenoiser
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.pipeline import Upscaler
 from latentup.text.clip import CLIPTextConditioner, TextTowerConfig, hf_to_open_clip
@@ -45,7 +47,7 @@ SCHEDULER_CONFIG = {  # SPEC §1.3
 PROMPT, NEGATIVE = "a photo of a lighthouse, high resolution", "blurry, grainy"
 
 
-def parse() -> argparse.Namespace:
+def parse(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", type=int, nargs="*", help="input sides in px [cpu: 128 256, cuda: 512 1024]")
@@ -57,8 +59,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--dtype", help="both pipelines' weights [cpu: float32, cuda: float16 (diffusers' default)]")
     parser.add_argument("--variants", nargs="+", default=["eager"],
                         help="latentup runs: eager | compile | reduce-overhead (torch.compile modes, the latter with "
-                             "CUDA graphs); a -nchw suffix turns channels_last off (default: on for cuda, off for "
-                             "cpu), a -direct suffix the Winograd 3x3 convolutions (default: on for cpu float32)")
+                             "CUDA graphs), with suffixes: -nchw / -cl force channels_last off / on (default: the "
+                             "Upscaler's), -direct turns the Winograd 3x3 convolutions off (default: on for cpu "
+                             "float32), -nograph the CUDA-graph step (default: on for cuda)")
     parser.add_argument("--decode", action="store_true", help="also time the VAE decode of the output")
     parser.add_argument("--reference", action="store_true", help="also diff both against diffusers in float32")
     parser.add_argument("--big", type=int, default=0, help="input side of a latentup-only tiled run (e.g. 2048)")
@@ -68,8 +71,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--big-autoencoder", help="autoencoder of the big run, a load_autoencoder spec such as "
                                                   "taesd [the released KL VAE]")
     parser.add_argument("--budget", type=float, default=float("inf"), help="seconds; later sizes are skipped after it")
+    parser.add_argument("--tiny", action="store_true", help="shrunk configs of the same classes (smoke tests)")
     parser.add_argument("--out", type=Path, default=Path("benchmark.jsonl"))
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     cuda = args.device.startswith("cuda")
     args.sizes = args.sizes if args.sizes is not None else ([512, 1024] if cuda else [128, 256])
     args.steps = args.steps or (20 if cuda else 4)
@@ -104,23 +108,31 @@ def diffusers_pipeline(device: str, dtype: torch.dtype, tiny: bool = False):
     return pipe.to(device, dtype)
 
 
-def latentup_upscalers(pipe, variants: list[str], device: str, dtype: torch.dtype) -> dict[str, Upscaler]:
+def latentup_upscalers(pipe, variants: list[str], device: str, dtype: torch.dtype,
+                       tiny: bool = False) -> dict[str, Upscaler]:
     """One latentup upscaler per variant (own U-Net and VAE copies, shared text tower), same weights as ``pipe``."""
     unet = load_strict(UNet(UNetConfig.from_diffusers(dict(pipe.unet.config))), pipe.unet.state_dict(), "U-Net")
     vae = AutoencoderKL.from_diffusers(dict(pipe.vae.config), weights=pipe.vae.state_dict())
-    text = CLIPTextConditioner(TextTowerConfig.from_hf(TEXT_CONFIG))
+    text = CLIPTextConditioner(TextTowerConfig.from_hf(TINY["text"] if tiny else TEXT_CONFIG))
     load_strict(text, hf_to_open_clip(pipe.text_encoder.state_dict()), "CLIP text encoder")
     unet, vae, text = unet.to(device, dtype), vae.to(device, dtype), text.to(device, dtype)
     upscalers = {}
     for i, variant in enumerate(variants):
         name, flags = variant, set()
-        while name.rsplit("-", 1)[-1] in ("nchw", "direct"):
+        while name.rsplit("-", 1)[-1] in ("nchw", "cl", "direct", "nograph"):
             name, flag = name.rsplit("-", 1)
             flags.add(flag)
         mode = {"eager": None, "compile": "default"}.get(name, name)
         modules = (unet, vae) if i == 0 else (copy.deepcopy(unet), copy.deepcopy(vae))
-        upscalers[variant] = Upscaler(*modules, text, channels_last=False if "nchw" in flags else None, compile=mode,
-                                      winograd=False if "direct" in flags else None)
+        nhwc = True if "cl" in flags else False if "nchw" in flags else None
+        upscaler = Upscaler(*modules, text, channels_last=nhwc, compile=mode,
+                            winograd=False if "direct" in flags else None)
+        layout = torch.channels_last if upscaler.channels_last else torch.contiguous_format
+        for module in modules:  # the weights in the layout of the activations (as from_pretrained stores them)
+            module.to(memory_format=layout)
+        if "nograph" in flags and isinstance(upscaler.denoiser, GraphedDenoiser):
+            upscaler.denoiser.enabled = False
+        upscalers[variant] = upscaler
     return upscalers
 
 
@@ -153,12 +165,13 @@ def _rss(field: str) -> int:
     return int(line.split()[1]) * 1024
 
 
-def unet_tflop(latent_side: int, batch: int = 2) -> float:
+def unet_tflop(latent_side: int, batch: int = 2, config: UNetConfig | None = None) -> float:
     """TFLOP of one U-Net evaluation (counted on the meta device: shapes only)."""
+    config = config or UNetConfig()
     with torch.device("meta"):
-        net = UNet(UNetConfig())
-        x, c = torch.empty(batch, 8, latent_side, latent_side), torch.empty(batch)
-        cond, ctx = torch.empty(batch, 896), torch.empty(batch, 77, 768)
+        net = UNet(config)
+        x, c = torch.empty(batch, config.in_channels, latent_side, latent_side), torch.empty(batch)
+        cond, ctx = torch.empty(batch, config.mapping_cond_dim), torch.empty(batch, 77, config.cross_attention_dim)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         net(x, c, cond, ctx)
     return counter.get_total_flops() / 1e12
@@ -187,12 +200,14 @@ def run_size(args, pipe, ours: dict[str, Upscaler], size: int, reference: torch.
 
     runs = {"diffusers": theirs} | {f"latentup {v}": (lambda u=u: u.upscale_latent(low_res, **settings))
                                     for v, u in ours.items()}
-    times, peaks, outputs = {k: [] for k in runs}, {k: 0.0 for k in runs}, {}
+    times, peaks, outputs, first = {k: [] for k in runs}, {k: 0.0 for k in runs}, {}, {}
     with torch.no_grad():
         for _ in range(args.warmup):  # compiles, captures CUDA graphs
             for name, fn in list(runs.items()):
                 try:
-                    outputs[name] = fn().float()
+                    out, seconds, _ = meter(fn)
+                    outputs[name] = out.float()
+                    first.setdefault(name, seconds)
                 except Exception as error:  # noqa: BLE001 - report a variant that fails, keep the others
                     print(f"{name} failed at {size} px: {type(error).__name__}: {error}"[:2000], flush=True)
                     del runs[name]
@@ -209,14 +224,15 @@ def run_size(args, pipe, ours: dict[str, Upscaler], size: int, reference: torch.
             for name, fn in (("diffusers", vae_theirs), ("latentup", vae_ours)):
                 fn()
                 decode[name] = statistics.median(meter(fn)[1] for _ in range(args.repeats))
-    flop = unet_tflop(2 * side)
+    flop = unet_tflop(2 * side, config=TINY["unet"] if args.tiny else None)
     base = statistics.median(times["diffusers"])
     rows = []
     for name in runs:
         seconds = statistics.median(times[name])
         row = {
             "size": f"{size}->{2 * size}", "run": name, "device": args.device, "dtype": str(args.dtype).split(".")[-1],
-            "steps": args.steps, "cfg": args.cfg, "seconds": seconds, "ratio": base / seconds, "peak_gib": peaks[name],
+            "steps": args.steps, "cfg": args.cfg, "seconds": seconds, "first_call_seconds": first.get(name),
+            "ratio": base / seconds, "peak_gib": peaks[name],
             "max_abs_diff": (outputs[name] - outputs["diffusers"]).abs().max().item(),
             "max_abs_out": outputs["diffusers"].abs().max().item(), "unet_tflop_per_step": flop,
             "peak_tflops": peak, "fraction_of_peak": flop * args.steps / seconds / peak,
@@ -253,7 +269,7 @@ def run_big(args, upscaler: Upscaler) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["size", "run", "seconds", "ratio", "decode_seconds", "peak_gib", "max_abs_diff", "max_abs_out",
+    columns = ["size", "run", "seconds", "first_call_seconds", "ratio", "decode_seconds", "peak_gib", "max_abs_diff", "max_abs_out",
                "max_abs_diff_fp32", "unet_tflop_per_step", "fraction_of_peak"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -263,8 +279,9 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    args = parse()
+def main(argv=None) -> list[dict]:
+    """Run the comparison (``argv``: the command line's arguments); returns the rows it printed."""
+    args = parse(argv)
     deadline = time.perf_counter() + args.budget
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -273,7 +290,7 @@ def main():
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per size
     peak = matmul_peak(args.device, args.dtype)
     print(f"{args.device}: measured {args.dtype!s} matmul peak {peak:.3g} TFLOP/s, {torch.get_num_threads()} threads")
-    pipe = diffusers_pipeline(args.device, torch.float32 if args.reference else args.dtype)
+    pipe = diffusers_pipeline(args.device, torch.float32 if args.reference else args.dtype, tiny=args.tiny)
     references = {}
     if args.reference:
         with torch.no_grad():
@@ -283,7 +300,7 @@ def main():
                                         num_inference_steps=args.steps, guidance_scale=args.cfg, output_type="latent",
                                         generator=torch.Generator().manual_seed(0)).images.float()
         pipe.to(args.device, args.dtype)
-    ours = latentup_upscalers(pipe, args.variants, args.device, args.dtype)
+    ours = latentup_upscalers(pipe, args.variants, args.device, args.dtype, tiny=args.tiny)
     rows = []
     with args.out.open("a") as out:
         for size in args.sizes:
@@ -303,6 +320,7 @@ def main():
             out.write(json.dumps(row) + "\n")
             print(json.dumps(row), flush=True)
     print(table(rows))
+    return rows
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ latent of ``--size``² (48 = the original 384-px crops), batch ``--batch``, rand
 text-conditioned U-Net.
 
     python benchmarks/train_step.py                          # CPU, fp32
-    python benchmarks/train_step.py --device cuda --precision bf16 [--checkpointing] [--compile]
+    python benchmarks/train_step.py --device cuda --precision bf16 [--checkpointing] [--compile] [--channels-last]
     python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16   # CPU run of default_x2_cpu
     python benchmarks/train_step.py --unet bundled --batch 32 --size 32 --precision bf16 --decoder-loss 4  # + L_dec
     ... --decoder-loss 4 --perceptual 1   # + L_dec with its LPIPS term
@@ -64,7 +64,8 @@ def labelled(name: str, function):
     return wrapped
 
 
-def main() -> None:
+def main(argv=None) -> dict:
+    """Time the training step (``argv``: the command line's arguments); returns the JSON row it printed."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16 = autocast, fp32 weights")
@@ -76,12 +77,13 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--checkpointing", action="store_true", help="gradient checkpointing of every block")
     parser.add_argument("--compile", action="store_true", help="torch.compile the U-Net")
+    parser.add_argument("--channels-last", action="store_true", help="NHWC weights (the activations follow)")
     parser.add_argument("--profile", action="store_true", help="print a torch.profiler breakdown of one step")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--decoder-loss", type=int, default=0, metavar="K", help="L_dec on one sample in K (0: off)")
     parser.add_argument("--decoder-window", type=int, default=16, help="L_dec window side in latent px")
     parser.add_argument("--perceptual", type=float, default=0.0, help="weight of L_dec's LPIPS term (0: off)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -97,6 +99,8 @@ def main() -> None:
     module = UpscalerModule(config, gradient_checkpointing=args.checkpointing, caption_dropout=0.1,
                             validation={"lpips": False}, autoencoder=autoencoder, decoder_loss=decoder_loss).to(device)
     module._helpers_to_device()
+    if args.channels_last:
+        module.model.unet.to(memory_format=torch.channels_last)
     if args.compile:
         module.model.unet = torch.compile(module.model.unet)
     if config.cross_attention_dim is not None:
@@ -146,6 +150,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     result = {"device": name, "unet": args.unet, "precision": args.precision, "latent": args.size,
               "batch": args.batch, "checkpointing": args.checkpointing, "compile": args.compile,
+              "channels_last": args.channels_last,
               "decoder_loss_every": args.decoder_loss, "decoder_window": args.decoder_window,
               "perceptual": args.perceptual,
               "steps_per_sec": 1 / per_step, "ms_per_step": 1e3 * per_step,
@@ -178,6 +183,7 @@ def main() -> None:
         for stage, event in ((stage, next(e for e in events if e.key == stage)) for stage in stages):
             print(f"{stage:<28}{event.cpu_time_total / 1e3:8.2f}{calls[stage]:16d}")
         print(events.table(sort_by="self_cpu_time_total", row_limit=15))
+    return result
 
 if __name__ == "__main__":
     main()
