@@ -43,7 +43,7 @@ def _speed(cfg: DictConfig) -> dict:
 def _check_options(cfg: DictConfig, settings: dict) -> None:
     """Validate values before any weights are loaded, so bad input fails fast."""
     from latentup.devices import resolve_device
-    from latentup.pipeline import Settings, check_flag, check_speed, resolve_dtype
+    from latentup.settings import Settings, check_flag, check_speed, resolve_dtype
 
     Settings(**{k: v for k, v in settings.items() if v is not None}).validate()
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
@@ -77,7 +77,7 @@ def run(cfg: DictConfig) -> None:
     settings = _settings(cfg)
     _check_options(cfg, settings)
     if cfg.task is not None:  # one JSON line per task on stdout, each as soon as it is answered
-        from latentup.pipeline import check_flag
+        from latentup.settings import check_flag
         from latentup.serve.tasks import MAX_TASKS_PER_FILE, read_task_file, run_task_file
 
         task_paths, max_tasks = cfg.get("task_paths", False), cfg.get("max_tasks", MAX_TASKS_PER_FILE)

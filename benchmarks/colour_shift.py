@@ -21,7 +21,8 @@ from latentup.autoencoders import load_autoencoder
 from latentup.errors import exit_on_error
 from latentup.evaluation.grids import save_grid
 from latentup.evaluation.protocol import list_set_images, load_pair, reconstruct
-from latentup.pipeline import Upscaler, parse_setting
+from latentup.pipeline import Upscaler
+from latentup.settings import parse_setting
 
 
 def chroma(images: torch.Tensor) -> torch.Tensor:

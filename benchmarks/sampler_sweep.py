@@ -23,7 +23,8 @@ from latentup.autoencoders import load_autoencoder
 from latentup.errors import exit_on_error
 from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.run import evaluate
-from latentup.pipeline import Upscaler, parse_setting
+from latentup.pipeline import Upscaler
+from latentup.settings import parse_setting
 
 
 class Timed:

@@ -252,7 +252,7 @@ def run_big(args, upscaler: Upscaler) -> dict:
     low_res = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(1)).to(args.device, args.dtype)
     if args.big_autoencoder:
         upscaler.autoencoder = load_autoencoder(args.big_autoencoder).to(args.device, args.dtype).eval()
-    upscaler.configure(unet_tile=args.unet_tile or None, vae_tile=args.vae_tile or None)
+    upscaler = upscaler.with_options(unet_tile=args.unet_tile or None, vae_tile=args.vae_tile or None)
     meter = Meter(args.device)
 
     def full():

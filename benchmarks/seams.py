@@ -17,7 +17,7 @@ from PIL import Image
 
 from latentup.autoencoders import TAESD
 from latentup.imageio import to_pil, to_tensor
-from latentup.nn.tiling import tile_starts
+from latentup.tiling import tile_starts
 from latentup.pipeline import Upscaler, default_weights
 
 TILE, OVERLAP = 16, 8  # latent px: 128-px tiles sharing 64 px
@@ -58,7 +58,7 @@ def unet_picture(out: Path, photo: Path) -> None:
     """The default model on ``photo``, the U-Net whole and in 16-latent-px tiles; prints max |Δ| of the images."""
     upscaler = Upscaler.from_pretrained(default_weights(), autoencoder="taesd")
     whole = to_tensor(upscaler.upscale_image(photo, seed=0))
-    upscaler.configure(unet_tile=16)
+    upscaler = upscaler.with_options(unet_tile=16)
     tiled = to_tensor(upscaler.upscale_image(photo, seed=0))
     print(f"U-Net tiles of 16 latent px: max |tiled - whole| {(tiled - whole).abs().max():.3f}, "
           f"mean {(tiled - whole).abs().mean():.4f} (image scale 0..1)")

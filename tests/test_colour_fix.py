@@ -13,7 +13,8 @@ from latentup.colour_fix import colour_fix, gaussian_blur
 from latentup.errors import ConfigError
 from latentup.imageio import to_tensor
 from latentup.nn.unet import UNet, UNetConfig
-from latentup.pipeline import Upscaler, parse_setting
+from latentup.pipeline import Upscaler
+from latentup.settings import parse_setting
 from latentup.weights.single_file import save_upscaler
 
 

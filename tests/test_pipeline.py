@@ -14,6 +14,8 @@ from safetensors.torch import load_file, save_file
 from conftest import REPO, SHARED
 from pipeline_fixtures import make_diffusers_pipeline
 
+from latentup.errors import ConfigError, InputError
+
 PROMPT, NEGATIVE, SEED, STEPS, CFG = "a photo of a lighthouse", "blurry, grainy", 3, 6, 7.5
 
 
@@ -126,6 +128,49 @@ def test_folder_and_list_use_seed_plus_index(upscaler, tmp_path):
     for images in (tmp_path, [photo((64, 64)), tmp_path / "b.png"]):
         outs = upscaler(images, seed=5, steps=2)
         assert len(outs) == 2 and all(np.array_equal(np.asarray(o), s) for o, s in zip(outs, singles))
+
+
+def test_upscale_images_equals_upscale_image_per_seed(upscaler):
+    """A batch of two equals each image run alone with its seed, to float rounding: the batched convolutions and
+    matrix products (oneDNN, the Winograd tile chunks) may sum in another order, so uint8 pixels may differ by 1."""
+    images = [photo((64, 48)), photo((64, 48)).transpose(Image.Transpose.FLIP_LEFT_RIGHT)]
+    settings = {"prompt": ["a photo", "a lighthouse"], "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7.5}
+    batch = [np.asarray(o, dtype=np.int16) for o in upscaler.upscale_images(images, [3, 8], **settings)]
+    for k, (image, seed) in enumerate(zip(images, (3, 8))):
+        alone = {**settings, "prompt": settings["prompt"][k]}
+        single = np.asarray(upscaler.upscale_image(image, seed=seed, **alone), dtype=np.int16)
+        assert batch[k].shape == single.shape == (96, 128, 3)
+        assert np.abs(batch[k] - single).max() <= 1 and np.mean(batch[k] != single) < 0.01
+    swapped = np.asarray(upscaler.upscale_image(images[0], seed=8, **{**settings, "prompt": "a photo"}), dtype=np.int16)
+    assert np.abs(swapped - batch[0]).max() > 8  # the seed matters
+    with pytest.raises(InputError, match="needs images of one size, got 64x48, 64x64"):
+        upscaler.upscale_images([images[0], photo((64, 64))], [1, 2], steps=1)
+    with pytest.raises(ConfigError, match="seeds has 1 entries for a batch of 2"):
+        upscaler.upscale_images(images, [1], steps=1)
+
+
+def test_with_options_shares_the_weights_and_leaves_the_original(upscaler):
+    from latentup.nn.winograd import Conv3x3
+
+    latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(2))
+    before = upscaler.upscale_latent_to_image(latent, steps=2, seed=1)
+    tiled = upscaler.with_options(vae_tile=8, winograd=False, unet_tile=16)
+    assert all(a is b for a, b in zip(tiled.unet.parameters(), upscaler.unet.parameters()))
+    assert all(a is b for a, b in zip(tiled.autoencoder.parameters(), upscaler.autoencoder.parameters()))
+    assert tiled.speed.vae_tile == 8 and tiled.speed.compile is None and upscaler.speed.vae_tile == 128
+    assert upscaler.autoencoder.tile_size == 128 and tiled.autoencoder.tile_size == 8
+    flags = {m.winograd for m in upscaler.unet.modules() if isinstance(m, Conv3x3)}
+    assert flags == {True} and {m.winograd for m in tiled.unet.modules() if isinstance(m, Conv3x3)} == {False}
+    assert not torch.equal(tiled.upscale_latent_to_image(latent, steps=2, seed=1), before)  # its own tiles
+    assert torch.equal(upscaler.upscale_latent_to_image(latent, steps=2, seed=1), before)  # the original unchanged
+
+
+def test_progress_covers_the_job_and_times_it(upscaler, capsys):
+    upscaler.upscale_image(photo((64, 64)), steps=2)
+    assert capsys.readouterr().err == ""  # off by default for library calls
+    upscaler.upscale_images([photo((64, 64))] * 2, [1, 2], progress=True, steps=2)
+    err = capsys.readouterr().err
+    assert "upscaled 2 images in" in err and "s per image)" in err and "4/4" in err  # encode, 2 steps, decode
 
 
 def test_exif_orientation_is_honoured(pipeline_dir, tmp_path):
@@ -242,7 +287,7 @@ def test_cli_folder_checks_every_target_first(pipeline_dir, tmp_path):
 )
 def test_settings_reject_bad_values(given, message):
     from latentup.errors import ConfigError
-    from latentup.pipeline import Settings
+    from latentup.settings import Settings
 
     with pytest.raises(ConfigError) as error:
         Settings(**given).validate()
@@ -250,7 +295,7 @@ def test_settings_reject_bad_values(given, message):
 
 
 def test_settings_accept_the_extremes():
-    from latentup.pipeline import MAX_SEED, MAX_STEPS, Settings
+    from latentup.settings import MAX_SEED, MAX_STEPS, Settings
 
     Settings(steps=MAX_STEPS, seed=MAX_SEED, cfg_scale=7.5, clip_skip=0, colour_fix=1, noise_level=0.5).validate()
     Settings(steps=1, seed=[0, MAX_SEED], prompt=["a", "b"], cfg_scale=0).validate()
@@ -269,7 +314,7 @@ def test_settings_accept_the_extremes():
 )
 def test_speed_knobs_are_checked(knobs, message):
     from latentup.errors import ConfigError
-    from latentup.pipeline import check_speed
+    from latentup.settings import check_speed
 
     with pytest.raises(ConfigError) as error:
         check_speed(**knobs)
@@ -298,7 +343,7 @@ def test_upscaler_checks_before_work(upscaler):
     from latentup.pipeline import Upscaler
 
     with pytest.raises(ConfigError, match="unet_tile must be a multiple of 8 for these weights, got 12"):
-        upscaler.configure(unet_tile=12)
+        upscaler.with_options(unet_tile=12)
     with pytest.raises(ConfigError, match=r"clip_skip must be an integer in 0\.\.3 \(got 5\)"):
         upscaler.settings(clip_skip=5)
     with pytest.raises(InputError, match="latent has 16 channels but the model expects 4: use a latent made by"):

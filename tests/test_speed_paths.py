@@ -156,17 +156,12 @@ def test_upscaler_knobs_below_the_tile_sizes_keep_the_output(upscaler):
     latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(2))
     settings = {"prompt": "a photo", "negative_prompt": "blurry", "steps": 3, "cfg_scale": 7.5, "seed": 4}
 
-    def outputs():  # the 2x latent and its decode (with the configured autoencoder tiling)
-        return upscaler.upscale_latent(latent, **settings), upscaler.upscale_latent_to_image(latent, **settings)
+    def outputs(up):  # the 2x latent and its decode (with the upscaler's autoencoder tiling)
+        return up.upscale_latent(latent, **settings), up.upscale_latent_to_image(latent, **settings)
 
-    expected, expected_image = outputs()
-    try:
-        upscaler.configure(channels_last=True, unet_tile=24, vae_tile=24)  # the 16x24 output latent fits one tile
-        got, image = outputs()
-        upscaler.configure(vae_tile=16)  # a live knob: tiles below the latent's side change the decode
-        tiled = upscaler.upscale_latent_to_image(latent, **settings)
-    finally:
-        upscaler.configure()
+    expected, expected_image = outputs(upscaler)
+    got, image = outputs(upscaler.with_options(channels_last=True, unet_tile=24, vae_tile=24))  # 16x24 fits one tile
+    tiled = upscaler.with_options(vae_tile=16).upscale_latent_to_image(latent, **settings)  # tiles below the side
     err, image_err = (got - expected).abs().max().item(), (image - expected_image).abs().max().item()
     print(f"channels_last + untriggered tiling: max |Δ| latent {err:.1e} (output scale {expected.abs().max():.2f}), "
           f"image {image_err:.1e}; vae_tile=16: {(tiled - expected_image).abs().max():.1e}")

@@ -8,7 +8,7 @@ import torch
 
 from latentup.diffusion.tiling import TiledDenoiser
 from latentup.errors import InputError
-from latentup.nn.tiling import blend_tiles, tile_starts
+from latentup.tiling import blend_tiles, tile_starts
 
 
 @pytest.mark.parametrize("size,tile,overlap,align", [(64, 64, 16, 8), (72, 32, 8, 8), (200, 64, 16, 8), (40, 16, 4, 1)])

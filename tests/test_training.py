@@ -362,7 +362,7 @@ def test_export_writes_tuned_sampler_settings(tmp_path):
     settings = Upscaler.from_pretrained(written["single_file"]).settings()
     assert (settings.sampler, settings.steps, settings.schedule) == ("dpmpp_2m", 4, "log_linear")
     for bad, message in (({"sampler": "nope"}, "nope"), ({"stepz": 4}, "stepz"), ("dpmpp_2m", "mapping"),
-                         ({"steps": 4.5}, "whole number"), ({"steps": "four"}, "whole number")):
+                         ({"steps": 4.5}, r"steps must be >= 1 \(an integer\)"), ({"steps": "four"}, "an integer")):
         with pytest.raises(ConfigError, match=message):
             export_checkpoint(checkpoint, tmp_path / "bad", recommended=bad)
     assert not (tmp_path / "bad").exists()

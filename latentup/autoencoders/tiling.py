@@ -1,4 +1,4 @@
-"""Tiled autoencoding: encode and decode big images tile by tile, blended over overlaps (``latentup.nn.tiling``).
+"""Tiled autoencoding: encode and decode big images tile by tile, blended over overlaps (``latentup.tiling``).
 
 Tiles are ``tile`` latent pixels wide (``tile × downscale`` image pixels) and overlap by ``overlap`` latent
 pixels. Decoding blends image tiles; encoding blends the encoder moments (mean ‖ log-variance for a KL VAE), so the
@@ -9,7 +9,7 @@ from an untiled one; the blend keeps that difference smooth (no seams).
 
 from torch import Tensor
 
-from latentup.nn.tiling import blend_tiles
+from latentup.tiling import blend_tiles
 
 
 def decode_tiled(autoencoder, z: Tensor, tile: int, overlap: int) -> Tensor:

@@ -1,11 +1,16 @@
-"""Samplers: plain functions ``sampler(model, x, sigmas, *, noise=None, progress=False) -> x``.
+"""Samplers: plain functions ``sampler(model, x, sigmas, *, noise=None, progress=False, **options) -> x``.
 
 ``model(x, sigma) -> x0`` is a denoiser (guidance already applied); ``sigmas`` is a decreasing grid whose first
 entry is the noise level of ``x``; ``noise(x)`` returns fresh N(0, I) noise shaped like x (ancestral samplers
-only). Arithmetic is float32. With d = (x - D(x; s)) / s the probability-flow ODE is dx/ds = d.
+only); ``progress``: True for a bar of the sampler's own, or a callable called after each step (a caller's bar).
+Options are the sampler's further keyword arguments (e.g. euler_ancestral's ``eta``). Arithmetic is float32. With
+d = (x - D(x; s)) / s the probability-flow ODE is dx/ds = d.
 
 The noise levels live on x's device and branches read a host copy, so the step loop never waits for the device.
 """
+
+import inspect
+from functools import partial
 
 import torch
 from tqdm.auto import tqdm
@@ -13,11 +18,13 @@ from tqdm.auto import tqdm
 from latentup.errors import ConfigError
 
 
-def _steps(sigmas: torch.Tensor, x: torch.Tensor, progress: bool, name: str):
+def _steps(sigmas: torch.Tensor, x: torch.Tensor, progress, name: str):
     """(sigma, sigma_next, whether sigma_next is 0) per step; the sigmas on x's device, the test on the host."""
     on_device, zero = sigmas.to(x.device), [s == 0 for s in sigmas.tolist()]
-    for i in tqdm(range(len(sigmas) - 1), desc=name, disable=not progress, leave=False):
+    for i in tqdm(range(len(sigmas) - 1), desc=name, disable=progress is not True, leave=False):
         yield on_device[i], on_device[i + 1], zero[i + 1]
+        if callable(progress):
+            progress()
 
 
 @torch.no_grad()
@@ -84,8 +91,14 @@ def dpmpp_2m(model, x, sigmas, *, noise=None, progress=False):
 SAMPLERS = {"euler": euler, "euler_ancestral": euler_ancestral, "heun": heun, "dpmpp_2m": dpmpp_2m}
 
 
-def get_sampler(name: str):
-    """Look up a sampler by name, with a one-line error listing the choices."""
+def get_sampler(name: str, **options):
+    """Look up a sampler by name, with its ``options`` bound; one-line errors listing the choices."""
     if name not in SAMPLERS:
         raise ConfigError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
-    return SAMPLERS[name]
+    sampler = SAMPLERS[name]
+    known = [p for p in inspect.signature(sampler).parameters if p not in ("model", "x", "sigmas", "noise", "progress")]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ConfigError(f"sampler {name} has no option {', '.join(unknown)}: its options are "
+                          f"{', '.join(known) or 'none'}")
+    return partial(sampler, **options) if options else sampler

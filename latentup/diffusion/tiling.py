@@ -1,6 +1,6 @@
 """Memory-bounded denoising: D evaluated on overlapping latent tiles once the latent outgrows a tile.
 
-    D(x; σ) ≈ Σ_t w_t · D(x_t; σ, image_cond_t) / Σ_t w_t     (``latentup.nn.tiling`` weights, sin² ramps)
+    D(x; σ) ≈ Σ_t w_t · D(x_t; σ, image_cond_t) / Σ_t w_t     (``latentup.tiling`` weights, sin² ramps)
 
 Convolutions and cross-attention are local, but the deepest level's self-attention (1/8 resolution) sees one tile
 instead of the whole latent, so a tiled result differs slightly from the untiled one; smaller latents take the
@@ -9,7 +9,7 @@ exact untiled path.
 
 from torch import Tensor, nn
 
-from latentup.nn.tiling import blend_tiles
+from latentup.tiling import blend_tiles
 
 
 class TiledDenoiser(nn.Module):

@@ -232,7 +232,7 @@ def from_config(cfg) -> dict:
     folder) are checked before any weights load."""
     from hydra.utils import instantiate
 
-    from latentup.pipeline import Settings, resolve_dtype
+    from latentup.settings import Settings, resolve_dtype
 
     device = resolve_device(cfg.device)
     resolve_dtype(cfg.dtype, device)

@@ -19,6 +19,7 @@ from latentup.atomic import write_atomic, write_text_atomic
 from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.nn.unet import UNetConfig
 from latentup.training.checkpoint_io import load_training_checkpoint
+from latentup.settings import SETTING_NAMES, Settings, check_int
 from latentup.training.module import as_unet_config
 from latentup.weights.single_file import save_upscaler
 
@@ -60,19 +61,15 @@ def export_diffusers_unet(folder: str | Path, config: UNetConfig, state: dict,
 
 
 def check_recommended(recommended) -> None:
-    """One-line errors for sampler settings that ``latentup.pipeline.Settings`` would not accept."""
-    from latentup.pipeline import Settings
-
+    """One-line errors for sampler settings that ``latentup.settings.Settings`` would not accept."""
     if not isinstance(recommended, Mapping):
         raise ConfigError(f"export.recommended must be a mapping such as {{sampler: dpmpp_2m, steps: 4}}, "
                           f"got {recommended!r}")
-    unknown = sorted(set(recommended) - set(Settings.__dataclass_fields__))
+    unknown = sorted(set(recommended) - set(SETTING_NAMES))
     if unknown:
-        raise ConfigError(f"export.recommended has unknown keys {unknown}: use fields of latentup.pipeline.Settings "
+        raise ConfigError(f"export.recommended has unknown keys {unknown}: use fields of latentup.settings.Settings "
                           "(steps, sampler, schedule, cfg_scale, noise_level, ...)")
-    steps = recommended.get("steps", 1)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ConfigError(f"export.recommended.steps must be a whole number >= 1, got {steps!r}")
+    check_int("export.recommended.steps", recommended.get("steps", 1), 1)
     Settings(**recommended).validate()
 
 
@@ -82,7 +79,7 @@ def export_checkpoint(ckpt_path: str | Path, out_dir: str | Path, *, ema: bool =
     """Write ``out_dir/<name>.safetensors`` and (when possible, or when ``diffusers`` is True) ``out_dir/unet/``.
 
     ``diffusers=None`` exports the folder only for configs diffusers can build. ``recommended``: sampler settings
-    (``latentup.pipeline.Settings`` fields, e.g. tuned by ``benchmarks/sampler_sweep.py``) that replace the
+    (``latentup.settings.Settings`` fields, e.g. tuned by ``benchmarks/sampler_sweep.py``) that replace the
     training run's default recommendation in the file's metadata.
     """
     if recommended is not None:
