@@ -62,6 +62,8 @@ def train(args) -> None:
         stream = ImageCrops.from_folder(args.images, lambda x: autoencoder.encode(x, sample=False),
                                         recipe.batch_size, seed=recipe.seed, device=args.device,
                                         max_side=args.max_side)
+        if args.pool:
+            stream.fill_pool(args.pool)
     log_file = Path(args.run) / "train.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
 
@@ -106,6 +108,8 @@ def main() -> None:
     t.add_argument("--pairs", type=int, help="--shards: train on the first N pairs only (a fixed pool)")
     t.add_argument("--images", type=Path, help="an image folder, crops encoded on the fly (GPU path)")
     t.add_argument("--max-side", type=int, default=None, help="--images: shrink larger images to this first")
+    t.add_argument("--pool", type=int, default=0, help="--images: encode this many crops once, then draw from them "
+                   "(0: encode every batch)")
     t.add_argument("--hours", type=float, nargs="*", default=[0.25, 0.5, 1, 2], help="budget marks (clock hours)")
     t.add_argument("--minutes", type=float, default=9, help="one budget of this many minutes when --hours is empty")
     t.add_argument("--upto", type=float, help="stop at the last mark <= this many hours (resume later for more)")
@@ -124,6 +128,8 @@ def main() -> None:
     with exit_on_error():
         if args.command == "train":
             torch.set_num_threads(args.threads)
+            torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution kernels once
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
             train(args)
         else:
             table(args)

@@ -10,7 +10,10 @@
 #   on the GPU:  run(command="bash benchmarks/gpu_train_leg.sh run", carry=[".gpu_leg"], timeout_s=600)
 #       $OUT/model.safetensors: the EMA weights after the leg (7.8 MB, fp16, one-step sampling recommended),
 #       $OUT/train.log: losses and samples/s every 50 steps. Pack it as the next leg's LAST_WEIGHTS.
-#   CPU smoke test:  bash benchmarks/gpu_train_leg.sh run --device cpu --minutes 0.2 --batch-size 2 --threads 1
+#   CPU smoke test:  bash benchmarks/gpu_train_leg.sh run --device cpu --minutes 0.2 --batch-size 2 --pool 8 --threads 1
+# Per sample: 38 GFLOP to encode a 256-px crop and its LR (once, into a pool of 65,536 crops: ~2.5 PFLOP, seconds on
+# an H200), 23 GFLOP per training step (U-Net 3.9 M fwd+bwd, TAESD decode of a 128-px window fwd+bwd, LPIPS):
+# 5,000 samples/s needs ~117 TFLOP/s of bf16 convolution (torch.utils.flop_counter on the CPU).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 leg=.gpu_leg
@@ -52,7 +55,7 @@ run)
   if [ -f $leg/init.safetensors ]; then init=(--init $leg/init.safetensors); fi
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$out/gpu.txt"
   python3 benchmarks/equal_compute.py train --recipe configs/one_step/gpu_small.yaml --run "$run" \
-      --images $leg/images --clock wall --hours --minutes 8 --device cuda --threads 8 "${init[@]}" "$@" \
+      --images $leg/images --pool 65536 --clock wall --hours --minutes 8 --device cuda --threads 8 "${init[@]}" "$@" \
       2>&1 | tee "$out/train.log"
   cp "$run"/at_*s.safetensors "$out/model.safetensors"
   ls -l "$out"

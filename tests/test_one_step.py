@@ -129,6 +129,10 @@ def test_crops_are_pure_functions_of_the_step_and_lr_follows_pil(shared_dir):
     symmetries = {tuple(t.flatten().tolist()) for k in range(4) for t in (square.rot90(k, (1, 2)),
                                                                           square.rot90(k, (1, 2)).flip(2))}
     assert {tuple(c.flatten().tolist()) for c in cut} == symmetries  # all 8, and nothing else
+    crops.fill_pool(5)  # a pool: batches draw its crops, with their stored latents and re-cut pixels
+    pooled = crops.batch(0)
+    assert torch.equal(crops.encode(pooled["hr_pixels"].float() / 255).half().float(), pooled["hr"])
+    assert len(crops.pool[0]) == 5 and torch.equal(pooled["hr_pixels"], crops.batch(0)["hr_pixels"])
     photo = Image.open(sorted((shared_dir / "datasets" / "eval" / "Set5").glob("*.png"))[1]).convert("RGB")
     photo = photo.crop((0, 0, 128, 128))
     pil = numpy.array(photo.resize((64, 64), Image.BICUBIC)).astype(int)

@@ -4,8 +4,8 @@ optimizer step ``step`` on, so that a resumed run continues where it stopped.
 - ``shard_stream``: prepared latent-pair shards with their HR crops (``data.prepare.settings.pixels=true``), read
   in the seeded epoch order of ``latentup.data.stream.EpochStream`` (the CPU path: encoding is paid once).
 - ``ImageCrops``: random crops of images held on the device, each turned or mirrored by one of the 8 symmetries
-  of the square (cut for the whole batch by one gather), LR = antialiased bicubic ×½ rounded to uint8 (PIL's filter, a = −0.5), both encoded on the fly
-  (the GPU path: no shards to carry, every crop new).
+  of the square, LR = antialiased bicubic ×½ rounded to uint8 (PIL's filter, a = −0.5), both encoded on the fly
+  or once into a pool of crops (the GPU path: no shards to carry).
 """
 
 from collections.abc import Iterator
@@ -69,6 +69,7 @@ class ImageCrops:
             self.stack[i, :, :image.shape[1], :image.shape[2]] = image
         self.sizes = torch.tensor([image.shape[1:] for image in images], device=device)
         self.encode, self.batch_size, self.crop, self.seed, self.device = encode, batch_size, crop, seed, device
+        self.pool: tuple[Tensor, Tensor, Tensor] | None = None
 
     @classmethod
     def from_folder(cls, folder: str | Path, encode, batch_size: int, crop: int = 256, seed: int = 0,
@@ -87,25 +88,53 @@ class ImageCrops:
             images.append((pixels.transpose(0, 1) if image.height > image.width else pixels).permute(2, 0, 1).contiguous())
         return cls(images, encode, batch_size, crop, seed, device)
 
-    def batch(self, step: int) -> dict:
-        """Batch ``step``: a pure function of (seed, step)."""
-        generator = torch.Generator().manual_seed(mix_seed(self.seed, step))
-        n = self.batch_size
+    def draw(self, generator: torch.Generator, n: int) -> Tensor:
+        """n crops' (image, top, left, symmetry) [n, 4] on the device."""
         which = torch.randint(len(self.stack), (n,), generator=generator).to(self.device)
         offsets = torch.rand(n, 2, generator=generator).to(self.device)
-        symmetry = torch.randint(8, (n, 1, 1), generator=generator).to(self.device)
+        symmetry = torch.randint(8, (n,), generator=generator).to(self.device)
         top, left = (offsets * (self.sizes[which] - self.crop + 1)).long().unbind(1)
+        return torch.stack([which, top, left, symmetry], dim=1)
+
+    def cut(self, crops: Tensor) -> Tensor:
+        """The uint8 pixels [n, 3, crop, crop] of ``crops`` (rows of :meth:`draw`), by one gather."""
+        which, top, left, symmetry = (c.view(-1, 1, 1) for c in crops.unbind(1))
         grid = torch.arange(self.crop, device=self.device)
+        n = len(crops)
         rows, cols = grid.view(1, -1, 1).expand(n, -1, self.crop), grid.view(1, 1, -1).expand(n, self.crop, -1)
         transpose = symmetry & 4 != 0
         rows, cols = torch.where(transpose, cols, rows), torch.where(transpose, rows, cols)
-        rows = torch.where(symmetry & 1 != 0, self.crop - 1 - rows, rows) + top.view(-1, 1, 1)
-        cols = torch.where(symmetry & 2 != 0, self.crop - 1 - cols, cols) + left.view(-1, 1, 1)
-        pixels = self.stack[which.view(-1, 1, 1), :, rows, cols].permute(0, 3, 1, 2).contiguous()
-        with torch.no_grad():
-            hr = self.encode(pixels.float() / 255).float()
-            lr = self.encode(half_size(pixels).float() / 255).float()
-        return {"hr": hr, "lr": lr, "hr_pixels": pixels}
+        rows = torch.where(symmetry & 1 != 0, self.crop - 1 - rows, rows) + top
+        cols = torch.where(symmetry & 2 != 0, self.crop - 1 - cols, cols) + left
+        return self.stack[which, :, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+    @torch.no_grad()
+    def latents(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
+        """(HR latent, LR latent) of uint8 crops."""
+        return self.encode(pixels.float() / 255).float(), self.encode(half_size(pixels).float() / 255).float()
+
+    @torch.no_grad()
+    def fill_pool(self, count: int) -> None:
+        """Encode ``count`` crops once (fp16 latents + crop rows); batches then draw from them and re-cut only
+        their pixels: the encoder (38 GFLOP per 256-px crop and its LR, 62 % of a step's arithmetic) runs once."""
+        crops, hr, lr = [], [], []
+        for start in range(0, count, self.batch_size):
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, 1 << 40, start))
+            rows = self.draw(generator, min(self.batch_size, count - start))
+            z_hr, z_lr = self.latents(self.cut(rows))
+            crops.append(rows), hr.append(z_hr.half()), lr.append(z_lr.half())
+        self.pool = (torch.cat(crops), torch.cat(hr), torch.cat(lr))
+
+    def batch(self, step: int) -> dict:
+        """Batch ``step``: a pure function of (seed, step) and the pool."""
+        generator = torch.Generator().manual_seed(mix_seed(self.seed, step))
+        if self.pool is None:
+            pixels = self.cut(self.draw(generator, self.batch_size))
+            hr, lr = self.latents(pixels)
+            return {"hr": hr, "lr": lr, "hr_pixels": pixels}
+        crops, hr, lr = self.pool
+        index = torch.randint(len(crops), (self.batch_size,), generator=generator).to(self.device)
+        return {"hr": hr[index].float(), "lr": lr[index].float(), "hr_pixels": self.cut(crops[index])}
 
     def __call__(self, step: int) -> Iterator[dict]:
         while True:
