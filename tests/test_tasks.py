@@ -67,7 +67,7 @@ def test_upscale_tasks(pipeline_dir, tmp_path):
         {"taskType": "upscale", "taskUUID": third, "inputs": {"image": png_base64(photo)},  # bare base64
          "settings": {"steps": 2, "seed": 1}, "outputType": "base64Data", "outputFormat": "PNG"},
     ]
-    result = run(pipeline_dir, tasks, tmp_path, "++task_paths=true")
+    result = run(pipeline_dir, tasks, tmp_path, "task_paths=true")
     assert result.returncode == 0, result.stderr
     lines = result.stdout.splitlines()
     assert len(lines) == 3 and [json.loads(line)["data"][0]["taskUUID"] for line in lines] == [first, second, third]
