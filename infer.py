@@ -77,17 +77,16 @@ def run(cfg: DictConfig) -> None:
     settings = _settings(cfg)
     _check_options(cfg, settings)
     if cfg.task is not None:  # one JSON line per task on stdout, each as soon as it is answered
-        from latentup.settings import check_flag
-        from latentup.serve.tasks import MAX_TASKS_PER_FILE, read_task_file, run_task_file
+        from latentup.serve.tasks import read_task_file, run_task_file
+        from latentup.settings import check_flag, check_int
 
-        task_paths, max_tasks = cfg.get("task_paths", False), cfg.get("max_tasks", MAX_TASKS_PER_FILE)
-        check_flag("task_paths", task_paths)  # local image paths in tasks: off unless the operator enables them
-        if isinstance(max_tasks, bool) or not isinstance(max_tasks, int) or max_tasks < 1:
-            raise ConfigError(f"max_tasks must be an integer >= 1, got {max_tasks!r}: e.g. max_tasks=100")
-        tasks = read_task_file(_path(cfg.task), max_tasks)
+        check_flag("task_paths", cfg.task_paths)  # local image paths in tasks: off unless the operator enables them
+        check_int("max_tasks", cfg.max_tasks, 1, None, "e.g. max_tasks=100")
+        tasks = read_task_file(_path(cfg.task), cfg.max_tasks)
         output = _path(cfg.output or "outputs")
         _check_writable(output, folder=True)
-        failed = run_task_file(tasks, lambda: _load(cfg), output, allow_paths=bool(task_paths), progress=cfg.progress)
+        failed = run_task_file(tasks, lambda: _load(cfg), output, allow_paths=bool(cfg.task_paths),
+                               progress=cfg.progress)
         if failed:
             raise LatentupError(f"{failed} of {len(tasks)} tasks failed: see the errors lines on stdout")
         return
