@@ -167,3 +167,56 @@ def test_upscaler_knobs_below_the_tile_sizes_keep_the_output(upscaler):
           f"image {image_err:.1e}; vae_tile=16: {(tiled - expected_image).abs().max():.1e}")
     assert err <= 1e-4 * expected.abs().max() and image_err <= 1e-4
     assert (tiled - expected_image).abs().max() > 1e-2
+
+
+def test_upscaler_defaults_nchw_and_graphs_only_on_cuda(upscaler):
+    from latentup.diffusion.graphed import GraphedDenoiser
+
+    assert upscaler.channels_last is False and not isinstance(upscaler.denoiser, GraphedDenoiser)  # CPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_default_graphed_step_equals_eager(tmp_path):
+    from pipeline_fixtures import make_diffusers_pipeline
+
+    from latentup.diffusion.graphed import GraphedDenoiser
+    from latentup.pipeline import Upscaler
+
+    cuda = Upscaler.from_pretrained(make_diffusers_pipeline(tmp_path), device="cuda", dtype="float32")
+    assert isinstance(cuda.denoiser, GraphedDenoiser) and not cuda.channels_last
+    latent = torch.randn(1, 4, 8, 12, generator=torch.Generator().manual_seed(2))
+    settings = {"prompt": "a photo", "negative_prompt": "blurry", "steps": 4, "cfg_scale": 7.5, "seed": 4}
+    graphed = cuda.upscale_latent(latent, **settings)
+    cuda.denoiser.enabled = False
+    eager = cuda.upscale_latent(latent, **settings)
+    torch.testing.assert_close(graphed, eager, rtol=1e-5, atol=1e-5)
+
+
+def test_compile_cache_outlives_the_process(monkeypatch, tmp_path):
+    from latentup.diffusion.graphed import compile_cache
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert compile_cache() == tmp_path / "latentup" / "inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache() == tmp_path / "mine"  # the user's choice wins
+
+
+def test_gpu_check_smoke_runs_every_cpu_part(tmp_path):
+    """benchmarks/gpu_check.py --device cpu --tiny: the H200 script's parts on shrunk configs, one table."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    import gpu_check
+
+    rows = gpu_check.main(["--device", "cpu", "--tiny", "--parts", "sampling", "decoders", "training", "compile",
+                           "--out", str(tmp_path / "check.jsonl")])
+    parts = {row["part"] for row in rows}
+    assert parts == {"sampling", "decoders", "training", "compile"} and not any("error" in row for row in rows)
+    sampled = {row["run"]: row for row in rows if row["part"] == "sampling"}
+    assert sampled["latentup eager"]["max_abs_diff"] < 2e-3 and sampled["latentup eager"]["max_abs_diff_fp32"] < 2e-3
+    assert all(row["samples_per_sec"] > 0 for row in rows if row["part"] == "training")
+    assert (tmp_path / "check.jsonl").read_text().count("\n") == len(rows)
+    assert any(line.startswith("correctness") for line in gpu_check.checks(rows))

@@ -12,10 +12,18 @@ buffers for x and sigma (the prepared conditioning is captured in place), and ev
 is two device copies and one graph launch: no Python, no allocator and no kernel launch per layer, and no
 host-device synchronisation (sigma stays on the device). No compiler is involved, so there is no compile wait. A new
 ``prepare`` (the next sampling call), shape, dtype or device records anew. Anything else (CPU, gradients enabled,
-conditioning that is not the prepared one, a capture that fails) runs D eagerly, with the same results.
+conditioning that is not the prepared one, a capture that fails) runs D eagerly, with the same results. The
+per-call state is per thread, so concurrent sampling calls (one per thread, as a server makes them) each record and
+replay a graph of their own.
+
+``compile_cache()`` is the same idea for ``torch.compile``: a kernel cache that outlives the process, so that only
+the first process ever compiles the U-Net for a size and dtype.
 """
 
+import os
+import threading
 import warnings
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -28,19 +36,25 @@ class GraphedDenoiser(nn.Module):
         super().__init__()
         self.denoiser = denoiser
         self.enabled = True
-        self._prepared: dict | None = None  # the conditioning of the current sampling call
-        self._key = self._warmed = None  # input signature of the recorded graph / of the last warm-up
-        self._graph: torch.cuda.CUDAGraph | None = None
-        self._static: tuple[Tensor, Tensor, Tensor] | None = None  # x, sigma, out
+        self._calls = threading.local()  # this thread's sampling call: see _call
+
+    def _call(self):
+        """This thread's state: prepared (the call's conditioning), key / warmed (the input signature of the
+        recorded graph / of the last warm-up), graph, static (x, sigma, out buffers)."""
+        call = self._calls
+        if not hasattr(call, "prepared"):
+            call.prepared = call.key = call.warmed = call.graph = call.static = None
+        return call
 
     def prepare(self, **cond) -> dict:
         """The wrapped denoiser's per-call conditioning; it starts a new graph."""
-        self._prepared = self.denoiser.prepare(**cond)
-        self._graph = self._static = self._key = self._warmed = None
-        return self._prepared
+        call = self._call()
+        call.key = call.warmed = call.graph = call.static = None
+        call.prepared = self.denoiser.prepare(**cond)
+        return call.prepared
 
     def _applies(self, x: Tensor, sigma: Tensor, cond: dict) -> bool:
-        prepared = self._prepared
+        prepared = self._call().prepared
         return (self.enabled and x.is_cuda and torch.is_tensor(sigma) and sigma.device == x.device
                 and not torch.is_grad_enabled() and prepared is not None and cond.keys() == prepared.keys()
                 and all(cond[k] is prepared[k] for k in cond))
@@ -48,24 +62,24 @@ class GraphedDenoiser(nn.Module):
     def forward(self, x: Tensor, sigma: Tensor, **cond) -> Tensor:
         if not self._applies(x, sigma, cond):
             return self.denoiser(x, sigma, **cond)
-        key = (tuple(x.shape), x.dtype, x.device, tuple(sigma.shape), sigma.dtype)
-        if key == self._key:
-            static_x, static_sigma, static_out = self._static
+        call, key = self._call(), (tuple(x.shape), x.dtype, x.device, tuple(sigma.shape), sigma.dtype)
+        if key == call.key:
+            static_x, static_sigma, static_out = call.static
             static_x.copy_(x)
             static_sigma.copy_(sigma)
-            self._graph.replay()
+            call.graph.replay()
             return static_out.clone()
-        if key != self._warmed:  # first step at this signature: warm up on a side stream, keep its result
-            self._warmed = key
+        if key != call.warmed:  # first step at this signature: warm up on a side stream, keep its result
+            call.warmed = key
             stream = torch.cuda.Stream(x.device)
             stream.wait_stream(torch.cuda.current_stream(x.device))
             with torch.cuda.stream(stream):
                 out = self.denoiser(x, sigma, **cond)
             torch.cuda.current_stream(x.device).wait_stream(stream)
             return out
-        return self._capture(key, x, sigma, cond)
+        return self._capture(call, key, x, sigma, cond)
 
-    def _capture(self, key, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
+    def _capture(self, call, key, x: Tensor, sigma: Tensor, cond: dict) -> Tensor:
         static_x, static_sigma, graph = x.clone(), sigma.clone(), torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph):
@@ -74,6 +88,16 @@ class GraphedDenoiser(nn.Module):
             warnings.warn(f"CUDA graph capture failed, running eagerly: {error}"[:500], stacklevel=3)
             self.enabled = False
             return self.denoiser(x, sigma, **cond)
-        self._graph, self._static, self._key = graph, (static_x, static_sigma, static_out), key
+        call.graph, call.static, call.key = graph, (static_x, static_sigma, static_out), key
         graph.replay()
         return static_out.clone()
+
+
+def compile_cache() -> Path:
+    """Inductor's cache folder (its FX-graph, autotuning and kernel caches) made persistent: $TORCHINDUCTOR_CACHE_DIR
+    when set, else $XDG_CACHE_HOME/latentup/inductor (~/.cache/latentup/inductor) instead of torch's default under
+    /tmp. Later processes that compile the same U-Net for the same size and dtype then load the kernels."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or Path(cache) / "latentup" / "inductor")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
+    return folder
