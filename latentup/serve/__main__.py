@@ -13,13 +13,14 @@ import ipaddress
 import logging
 import os
 import socket
+import sys
 import tempfile
 from pathlib import Path
 
-import hydra
 import uvicorn
 from omegaconf import DictConfig, ListConfig
 
+from latentup.cli import command
 from latentup.errors import ConfigError, exit_on_error
 from latentup.serve.app import create_app
 from latentup.serve.fetch import UrlFetcher
@@ -27,6 +28,7 @@ from latentup.serve.service import Service
 from latentup.serve.sessions import Sessions
 from latentup.serve.store import ImageStore
 
+FREE_TEXT = ("weights", "host", "public_url", "store_dir", "autoencoder", "text_encoder")
 PURGE_INTERVAL = 10.0  # seconds between deletions of expired outputs and sessions
 POSITIVE = {"max_queue": int, "max_batch": int, "max_tasks_per_request": int, "task_timeout": float,
             "max_request_mb": float, "output_ttl": float, "session_ttl": float, "drain_timeout": float,
@@ -134,11 +136,14 @@ def serve(cfg: DictConfig) -> None:
         app = create_app(service, sessions, cfg.max_tasks_per_request, max_bytes, lifespan)
         config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, ws_max_size=max_bytes,
                                 lifespan="on")
-        Server(config, service, sessions, cfg.drain_timeout,
-               f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
+        try:
+            Server(config, service, sessions, cfg.drain_timeout,
+                   f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
+        except KeyboardInterrupt:  # uvicorn re-raises SIGINT once drained: exit as interrupted, without a traceback
+            sys.exit(130)
 
 
-@hydra.main(version_base=None, config_path="../../configs/serve", config_name="serve")
+@command(Path(__file__).resolve().parents[2] / "configs" / "serve", "serve", __doc__, FREE_TEXT)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_error():
