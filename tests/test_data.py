@@ -152,13 +152,13 @@ def test_prepare_grid_and_text(images, taesd, tmp_path):
 
 
 @pytest.mark.parametrize(("bad", "message"), [
-    ({"crop": "abc"}, "settings.crop must be a whole number >= 1, got 'abc'"),
-    ({"align": 0}, "settings.align must be a whole number >= 1, got 0"),
+    ({"crop": "abc"}, r"settings.crop must be >= 1 \(an integer\), got 'abc'"),
+    ({"align": 0}, r"settings.align must be >= 1 \(an integer\), got 0"),
     ({"crop": 100}, "size rule"),
-    ({"crops_per_image": 0}, "settings.crops_per_image must be a whole number >= 1, got 0"),
-    ({"max_side": -5}, "settings.max_side must be a whole number >= 1 or null, got -5"),
+    ({"crops_per_image": 0}, r"settings.crops_per_image must be >= 1 \(an integer\), got 0"),
+    ({"max_side": -5}, r"settings.max_side must be >= 1 \(an integer or null\), got -5"),
     ({"max_side": 100}, "max_side 100 is below the 128-px crop"),
-    ({"stride": 2.5}, "settings.stride must be a whole number"),
+    ({"stride": 2.5}, r"settings.stride must be >= 1 \(an integer or null\)"),
     ({"mode": "tiles"}, "unknown crop mode"),
 ])
 def test_prepare_settings_are_checked_first(images, bad, message):
@@ -187,7 +187,7 @@ def test_empty_shard_folder_says_to_delete_it(tmp_path):
 
 
 def test_shard_values_match_direct_encoding(images, taesd, tmp_path):
-    from latentup.data.stream import mix_seed
+    from latentup.seeds import mix_seed
 
     prepare_pairs(_settings(images, crops_per_image=1), tmp_path / "one", taesd, progress=False)
     data = LatentShardDataset(tmp_path / "one")
@@ -203,7 +203,7 @@ def test_shard_values_match_direct_encoding(images, taesd, tmp_path):
 
 def test_dihedral_crops_are_turned_before_the_low_res_is_made_and_stored_with_pixels(images, taesd, tmp_path):
     from latentup.data.crops import DIHEDRAL
-    from latentup.data.stream import mix_seed
+    from latentup.seeds import mix_seed
 
     prepare_pairs(_settings(images, crops_per_image=6, dihedral=True, pixels=True), tmp_path / "d8", taesd,
                   progress=False)

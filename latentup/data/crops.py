@@ -2,16 +2,19 @@
 
 Size rule (SPEC §2.6): the HR latent sides must be multiples of 2^(levels-1) and at least 2^levels, i.e. with the
 ×8 autoencoder, HR pixel sides multiples of ``align = 8 · 2^(levels-1)`` (64 px for the released 4-level U-Net).
-LR = PIL bicubic (antialiased, a = -0.5) ×1/2 of the uint8 HR crop, the evaluation protocol's LR (ANCHORS.md).
+LR = PIL bicubic (antialiased, a = -0.5) ×1/2 of the uint8 HR crop, the evaluation protocol's LR (ANCHORS.md);
+:func:`load_pair` is that protocol's pair of a whole image (centre crop to multiples of ``align``).
 """
 
 import math
+from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
-from latentup.errors import ConfigError
+from latentup.errors import ConfigError, InputError
+from latentup.imageio import to_tensor
 
 Box = tuple[int, int, int, int]  # left, top, right, bottom
 # the 8 symmetries of the square (identity first), for augmenting crops before the LR is made from them
@@ -62,15 +65,34 @@ def downscale_x2(image: Image.Image) -> Image.Image:
     return image.resize((image.width // 2, image.height // 2), Image.BICUBIC)
 
 
-def to_tensor01(image: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float32 [3, H, W] in [0, 1]."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-
-
 def pair(image: Image.Image, box: Box, transpose: Image.Transpose | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(HR [3, S, S], LR [3, S/2, S/2]) float tensors in [0, 1] for one box of an RGB image; ``transpose`` (one of
     ``DIHEDRAL``) turns or mirrors the HR crop first, so the LR is exactly the protocol's LR of what the model sees."""
     hr = image.crop(box)
     if transpose is not None:
         hr = hr.transpose(transpose)
-    return to_tensor01(hr), to_tensor01(downscale_x2(hr))
+    return to_tensor(hr)[0], to_tensor(downscale_x2(hr))[0]
+
+
+def crop_box(width: int, height: int, align: int) -> Box:
+    """(left, top, right, bottom) of the centred crop to multiples of ``align``; offsets floored."""
+    cw, ch = width // align * align, height // align * align
+    if cw == 0 or ch == 0:
+        raise InputError(f"a {width}x{height} image is smaller than align={align} px: lower align or drop the image")
+    left, top = (width - cw) // 2, (height - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def open_rgb(path: str | Path) -> Image.Image:
+    """``Image.open(path).convert("RGB")`` (greyscale becomes three equal channels), one-line errors."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
+        raise InputError(f"{path} is not a readable image ({type(error).__name__}): fix or remove it") from None
+
+
+def load_pair(path: str | Path, align: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """(HR [3, H, W], LR [3, H/2, W/2]) in [0, 1] of an image file, both from uint8 images."""
+    image = open_rgb(path)
+    return pair(image, crop_box(*image.size, align))

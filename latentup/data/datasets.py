@@ -11,10 +11,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from latentup.data.crops import check_crop, limit_side, pair, random_boxes
-from latentup.data.sources import open_source
+from latentup.data.crops import check_crop, limit_side, load_pair, pair, random_boxes
+from latentup.data.sources import list_set_images, open_source
 from latentup.errors import InputError
-from latentup.evaluation.protocol import list_set_images, load_pair
 
 
 class ImageCropDataset(torch.utils.data.Dataset):
@@ -58,7 +57,7 @@ class ImageCropDataset(torch.utils.data.Dataset):
 
 
 class ImageEvalDataset(torch.utils.data.Dataset):
-    """The evaluation protocol's pairs (``latentup.evaluation.protocol``): centre crop to multiples of ``align`` px,
+    """The evaluation protocol's pairs (``latentup.data.crops.load_pair``): centre crop to multiples of ``align`` px,
     LR = PIL bicubic ×1/2. Images differ in size: batch them one at a time."""
 
     def __init__(self, root: str | Path, align: int = 64, limit: int | None = None):

@@ -24,18 +24,10 @@ from tqdm.auto import tqdm
 from latentup.data.crops import DIHEDRAL, check_crop, grid_boxes, limit_side, pair, random_boxes
 from latentup.data.shards import ShardWriter
 from latentup.data.sources import open_source
-from latentup.data.stream import mix_seed
 from latentup.devices import resolve_device
 from latentup.errors import ConfigError, InputError
-
-
-def check_whole(key: str, value, minimum: int = 1, optional: bool = False) -> None:
-    """A ConfigError naming ``data.prepare.<key>`` unless ``value`` is an int >= ``minimum`` (or optional None)."""
-    if optional and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"data.prepare.{key} must be a whole number >= {minimum}{' or null' if optional else ''}, "
-                          f"got {value!r}")
+from latentup.seeds import mix_seed
+from latentup.settings import check_int
 
 
 @dataclass
@@ -58,10 +50,8 @@ class PrepareSettings:
     pixels: bool = False  # also store the HR crop (uint8 ``hr_pixels``)
 
     def __post_init__(self):
-        for key in ("crop", "align", "crops_per_image"):
-            check_whole(f"settings.{key}", getattr(self, key))
-        for key in ("stride", "max_side"):
-            check_whole(f"settings.{key}", getattr(self, key), optional=True)
+        for key in ("crop", "align", "crops_per_image", "stride", "max_side"):
+            check_int(f"data.prepare.settings.{key}", getattr(self, key), 1, optional=key in ("stride", "max_side"))
         check_crop(self.crop, self.align)
         if self.max_side is not None and self.max_side < self.crop:
             raise ConfigError(f"data.prepare.settings.max_side {self.max_side} is below the {self.crop}-px crop, so no "
@@ -108,9 +98,8 @@ def prepare_pairs(settings: PrepareSettings, output: str | Path, autoencoder, te
     """Write (or finish) the shards of ``settings`` into ``output``; returns the manifest."""
     if (text_encoder is None) != (settings.text_encoder is None):
         raise ConfigError("settings.text_encoder must name the text encoder exactly when one is given")
-    check_whole("shard_size", shard_size)
-    check_whole("batch_size", batch_size)
-    check_whole("num_workers", num_workers, minimum=0)
+    for key, value, low in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
+        check_int(f"data.prepare.{key}", value, low)
     writer = ShardWriter(output, asdict(settings), shard_size)
     if writer.manifest["complete"]:
         return writer.manifest

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image, ImageOps
 
 from latentup.errors import InputError
-from latentup.imageio import IMAGE_SUFFIXES
+from latentup.imageio import IMAGE_SUFFIXES, list_images
 
 
 @dataclass
@@ -103,6 +103,14 @@ class TarShards:
 
     def __getstate__(self):
         return {**self.__dict__, "_open": {}}
+
+
+def list_set_images(folder: str | Path) -> list[Path]:
+    """Image files of an evaluation set folder, sorted by name (other files such as SOURCE.txt are skipped)."""
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise InputError(f"eval set folder {folder} does not exist: check data_root and sets")
+    return list_images(folder)
 
 
 def open_source(path: str | Path) -> ImageFolder | TarShards:

@@ -11,14 +11,10 @@ accumulated micro-batches per step) restarts at m = k·A: the data position need
 
 from collections.abc import Iterator
 
-import numpy as np
 import torch
 from torch.utils.data import Dataset, Sampler
 
-
-def mix_seed(*values: int) -> int:
-    """A well-mixed 63-bit seed from integers (numpy's SeedSequence)."""
-    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(1, np.uint64)[0] >> np.uint64(1))
+from latentup.seeds import mix_seed
 
 
 class EpochStream(Dataset):

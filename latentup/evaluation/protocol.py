@@ -1,4 +1,5 @@
-"""The evaluation protocol (spec/ANCHORS.md): image lists, HR crops, LR inputs and the rows compared.
+"""The evaluation protocol (spec/ANCHORS.md): image lists, HR crops, LR inputs (``latentup.data``) and the rows
+compared.
 
     HR  = centre crop of the image to (W // a * a, H // a * a), a = ``align`` (64: the LR is then a multiple of
           32 px, the released model's size rule), uint8
@@ -17,28 +18,16 @@ not quantised.
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
 from latentup.autoencoders import Autoencoder
-from latentup.errors import ConfigError, InputError
+from latentup.data.crops import crop_box, load_pair, open_rgb  # noqa: F401 - the protocol's HR / LR pairs
+from latentup.data.sources import list_set_images  # noqa: F401 - the protocol's image lists
+from latentup.errors import ConfigError
 
-SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 BASELINES = ("ceiling", "latent-nearest", "latent-bicubic", "pixel-bicubic-of-decoded-LR", "pixel-bicubic-of-LR")
-
-
-def list_set_images(folder: str | Path) -> list[Path]:
-    """Image files of an eval set folder, sorted by name (other files such as SOURCE.txt are skipped)."""
-    folder = Path(folder).expanduser()
-    if not folder.is_dir():
-        raise InputError(f"eval set folder {folder} does not exist: check data_root and sets")
-    files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in SUFFIXES)
-    if not files:
-        raise InputError(f"eval set folder {folder} holds no images ({' '.join(SUFFIXES)})")
-    return files
 
 
 def check_align(align: int, downscale: int = 8) -> None:
@@ -47,40 +36,10 @@ def check_align(align: int, downscale: int = 8) -> None:
         raise ConfigError(f"align={align} must be a positive multiple of {2 * downscale}: HR / 2 must be whole latents")
 
 
-def crop_box(width: int, height: int, align: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the centred crop to multiples of ``align``; offsets floored."""
-    cw, ch = width // align * align, height // align * align
-    if cw == 0 or ch == 0:
-        raise InputError(f"a {width}x{height} image is smaller than align={align} px: lower align or drop the image")
-    left, top = (width - cw) // 2, (height - ch) // 2
-    return left, top, left + cw, top + ch
-
-
-def open_rgb(path: str | Path) -> Image.Image:
-    """``Image.open(path).convert("RGB")`` (greyscale becomes three equal channels), one-line errors."""
-    try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
-    except (FileNotFoundError, UnidentifiedImageError, OSError) as error:
-        raise InputError(f"{path} is not a readable image ({type(error).__name__}): fix or remove it") from None
-
-
 def hr_size(path: str | Path, align: int) -> tuple[int, int]:
     """(width, height) of the HR crop. Decodes the whole image, so a truncated file fails here."""
     left, top, right, bottom = crop_box(*open_rgb(path).size, align)
     return right - left, bottom - top
-
-
-def _to01(image: Image.Image) -> Tensor:
-    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-
-
-def load_pair(path: str | Path, align: int = 64) -> tuple[Tensor, Tensor]:
-    """(HR [3, H, W], LR [3, H/2, W/2]) in [0, 1], both from uint8 images."""
-    image = open_rgb(path)
-    hr = image.crop(crop_box(*image.size, align))
-    lr = hr.resize((hr.width // 2, hr.height // 2), Image.BICUBIC)
-    return _to01(hr), _to01(lr)
 
 
 def nearest2x(x: Tensor) -> Tensor:

@@ -31,6 +31,8 @@ from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.protocol import BASELINES, check_align, hr_size, list_set_images, load_pair, reconstruct
 from latentup.evaluation.report import (add_features, append_records, read_features, read_records, summarize,
                                         write_summary)
+from latentup.seeds import image_seed
+from latentup.settings import check_int
 
 # A model row: ``upscale(lr_latent, seed=[seed per sample]) -> image`` (SD-scaled latent in, [0, 1] image out).
 ModelRow = Callable[..., torch.Tensor]
@@ -80,19 +82,13 @@ def check_settings(folder: Path, settings: dict) -> None:
     write_text_atomic(path, json.dumps({**settings, "checkpoints": {**old, **new}}, indent=2, sort_keys=True) + "\n")
 
 
-def _check_int(name: str, value, low: int | None = None, hint: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or (low is not None and value < low):
-        raise ConfigError(f"{name} must be an integer{f' >= {low}' if low is not None else ''}{hint}, got {value!r}")
-
-
 def check_loop(align: int, batch_size: int, grids: int, downscale: int = 8, *, border: int = 2,
                grid_tile: int = 256, limit: int | None = None, seed: int = 0) -> None:
     """The loop's integers, in range (``limit`` None: every image)."""
     for name, value, low in (("align", align, None), ("batch_size", batch_size, 1), ("grids", grids, 0),
                              ("border", border, 0), ("grid_tile", grid_tile, 1), ("seed", seed, None)):
-        _check_int(name, value, low)
-    if limit is not None:
-        _check_int("limit", limit, 1, " or null (every image)")
+        check_int(name, value, low)
+    check_int("limit", limit, 1, hint="null = every image", optional=True)
     check_align(align, downscale)
     if 4 * border >= align:
         raise ConfigError(f"border={border} must be under align / 4 = {align / 4:g} px: lower border")
@@ -168,7 +164,7 @@ def evaluate(
         for batch in filter(None, pending):
             pairs = [load_pair(paths[i], align) for i in batch]
             hr, lr = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
-            seeds = [seed + i for i in batch]
+            seeds = [image_seed(seed, i) for i in batch]
             run = {row: partial(up, seed=seeds) for row, up in models.items()
                    if any((i, row) in missing for i in batch)}
             outputs = reconstruct(autoencoder, hr, lr, run)
@@ -227,11 +223,17 @@ def _autoencoder_spec(node) -> str:
     return str(node.get("spec", node.get("_target_"))) if hasattr(node, "get") else str(node)
 
 
+def _autoencoder_arguments(node) -> dict:
+    """:func:`load_autoencoder`'s arguments from a config node (configs/autoencoder/: spec, download, ...) or a
+    spec."""
+    if not hasattr(node, "items"):
+        return {"spec": str(node)}
+    return {k: v for k, v in node.items() if k != "_target_"}
+
+
 def from_config(cfg) -> dict:
     """Run :func:`evaluate` from a config laid out like ``configs/evaluate.yaml``; inputs (settings, images, output
     folder) are checked before any weights load."""
-    from hydra.utils import instantiate
-
     from latentup.settings import Settings, resolve_dtype
 
     device = resolve_device(cfg.device)
@@ -256,7 +258,7 @@ def from_config(cfg) -> dict:
     metrics = ImageMetrics(border=cfg.border, lpips=cfg.lpips, lpips_backbone=cfg.lpips_backbone)
     inception = load_fid_inception(str(cfg.fid)) if cfg.fid else None
     spec = _autoencoder_spec(cfg.autoencoder)
-    autoencoder = instantiate(cfg.autoencoder) if hasattr(cfg.autoencoder, "get") else load_autoencoder(spec)
+    autoencoder = load_autoencoder(**_autoencoder_arguments(cfg.autoencoder))
     autoencoder = autoencoder.to(device, torch.float32).eval()
     models = load_models(checkpoints, autoencoder, device=device, dtype=cfg.dtype, **sampling)
     settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "fid": str(cfg.fid) if cfg.fid else None,

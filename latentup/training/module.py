@@ -5,7 +5,7 @@ on the device by ``latentup.diffusion.densities``, so that results do not depend
 over ranks, and a resumed run repeats the same draws):
 
     σ_i ~ sigma_density (lognormal(-0.5, 1.2)),   σ_lr,i ~ lr_noise_density (0 w.p. ½, else U(0, 0.6))
-    z_lr ← z_lr + σ_lr ε',   (image_cond, noise_embed) = low_res_conditioning(z_lr, σ_lr, W_lr)
+    z_lr ← z_lr + σ_lr ε',   (image_cond, noise_embed) of z_lr, σ_lr, W_lr   (diffusion.conditioning)
     mapping_cond = [noise_embed ‖ pooled text],   caption → "" with probability ``caption_dropout``
     L = mean_i [DenoiserWithVariance(z_hr, ε, σ_i | image_cond, mapping_cond, context) + L_dec,i]
 
@@ -29,18 +29,17 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from latentup.data.stream import mix_seed
 from latentup.diffusion import densities
-from latentup.diffusion.conditioning import augment_low_res, low_res_conditioning
+from latentup.diffusion.conditioning import NOISE_EMBED_DIM, denoiser_conditioning, pooled_width
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.errors import ConfigError
 from latentup.evaluation.metrics import build_lpips
 from latentup.nn.unet import UNet, UNetConfig
+from latentup.seeds import mix_seed
 from latentup.training.decoder_loss import DecoderLoss
 from latentup.training.ema import ema_decay, ema_update
 from latentup.training.validation import Validator
 
-NOISE_EMBED_DIM = 128  # 64 Fourier frequencies of log1p(σ_lr), std 2 (SPEC §4.3)
 SIGMA_DENSITY = partial(densities.lognormal, mean=-0.5, std=1.2)
 LR_NOISE_DENSITY = partial(densities.low_res_sigma, p_zero=0.5, maximum=0.6)
 
@@ -81,9 +80,7 @@ class UpscalerModule(L.LightningModule):
     ):
         super().__init__()
         config = as_unet_config(unet)
-        if 0 < config.mapping_cond_dim < NOISE_EMBED_DIM:
-            raise ConfigError(f"mapping_cond_dim {config.mapping_cond_dim} must be 0 or {NOISE_EMBED_DIM} (noise-level "
-                              "embedding) + the pooled text width")
+        self.pooled_dim = pooled_width(config.mapping_cond_dim)
         self.model = KarrasDenoiser(UNet(config), sigma_data)
         self.model.unet.gradient_checkpointing = gradient_checkpointing
         self.register_buffer("noise_fourier", torch.randn(NOISE_EMBED_DIM // 2, 1,
@@ -110,7 +107,6 @@ class UpscalerModule(L.LightningModule):
         self.meta = dict(meta or {})
         self.validator = Validator(**(validation or {}))
         self.empty_prompt: dict[str, Tensor] | None = None
-        self.pooled_dim = max(0, config.mapping_cond_dim - NOISE_EMBED_DIM)
         self.text_conditioned = config.cross_attention_dim is not None or self.pooled_dim > 0
 
     @property
@@ -201,18 +197,15 @@ class UpscalerModule(L.LightningModule):
         return {k: torch.where(keep.view(-1, *[1] * (v.ndim - 1)), v.to(self.device), empty[k].to(self.device, v.dtype))
                 for k, v in cond.items()}
 
-    def conditioning(self, low_res: Tensor, sigma_lr: Tensor, text: dict | None) -> dict[str, Tensor | None]:
-        """Keyword arguments of the denoiser for an (augmented) low-res latent."""
-        image_cond, noise_embed = low_res_conditioning(low_res, sigma_lr, self.noise_fourier)
-        mapping = noise_embed if self.unet_config.mapping_cond_dim else None
-        cond = {"image_cond": image_cond, "mapping_cond": mapping, "context": None, "context_mask": None}
-        if text is not None:
-            if self.pooled_dim:
-                cond["mapping_cond"] = torch.cat([noise_embed, text["pooled"].to(noise_embed.dtype)], dim=1)
-            if self.unet_config.cross_attention_dim is not None:
-                cond["context"] = text["context"].float()
-                cond["context_mask"] = text["mask"] if self.use_context_mask else None
-        return cond
+    def conditioning(self, low_res: Tensor, sigma_lr: Tensor, text: dict | None,
+                     lr_noise: Tensor | None = None) -> dict[str, Tensor | None]:
+        """Keyword arguments of the denoiser for a low-res latent (augmented with ``lr_noise`` when given)."""
+        text, cross = text or {}, self.unet_config.cross_attention_dim is not None
+        return denoiser_conditioning(
+            low_res, sigma_lr, self.noise_fourier, self.unet_config.mapping_cond_dim, lr_noise=lr_noise,
+            pooled=text.get("pooled") if self.pooled_dim else None,
+            context=text["context"].float() if cross and text else None,
+            context_mask=text.get("mask") if cross and self.use_context_mask else None)
 
     def draws(self, positions: Tensor, hr_shape, lr_shape) -> dict[str, Tensor]:
         """The batch's random draws, on the positions' device; row i depends only on (seed, positions[i]).
@@ -233,8 +226,7 @@ class UpscalerModule(L.LightningModule):
         positions = batch["position"].to(self.device)
         hr, lr = self.latents(batch, positions, self.encode_sample)
         d = self.draws(positions, hr.shape[1:], lr.shape[1:])
-        low_res = augment_low_res(lr, d["sigma_lr"], d["lr_noise"])
-        cond = self.conditioning(low_res, d["sigma_lr"], self.text(batch, d["drop"]))
+        cond = self.conditioning(lr, d["sigma_lr"], self.text(batch, d["drop"]), d["lr_noise"])
         if self.decoder_loss is None:
             return self.model.loss(hr, d["noise"], d["sigma"], **cond)
         loss, denoised = self.model.loss_and_denoised(hr, d["noise"], d["sigma"], **cond)
@@ -266,9 +258,6 @@ class UpscalerModule(L.LightningModule):
         self.ema_updates += 1
         self.ema_step += 1
 
-    def current_ema_decay(self) -> float:
-        return ema_decay(int(self.ema_updates), self.ema_power, max_decay=self.ema_max_decay)
-
     def configure_optimizers(self):
         if self.optimizer_factory is None:
             raise ConfigError("no optimizer configured: add an optim config (e.g. optim=adamw_inverse)")
@@ -289,8 +278,3 @@ class UpscalerModule(L.LightningModule):
     # ---- checkpoint ------------------------------------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["latentup"] = {"unet_config": asdict(self.unet_config), "meta": self.meta}
-
-    def export_meta(self) -> dict:
-        """Metadata written into exports: training summary and the autoencoder / text encoder used."""
-        return {**self.meta, "training": {**self.meta.get("training", {}), "steps": int(self.ema_updates),
-                                          "ema_decay": self.current_ema_decay()}}

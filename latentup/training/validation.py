@@ -14,23 +14,26 @@ import numpy as np
 import torch
 
 from latentup.atomic import write_atomic
-from latentup.data.stream import mix_seed
-from latentup.diffusion.guidance import guided
-from latentup.diffusion.samplers import get_sampler
+from latentup.diffusion.sampling import sample
 from latentup.diffusion.schedules import make_sigmas
 from latentup.evaluation.grids import comparison_grid
 from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.protocol import bicubic2x
+from latentup.seeds import mix_seed
+from latentup.settings import Settings
 from latentup.training.callbacks import log_dir
 
 
 class Validator:
     """Accumulates per-image scores over a validation epoch and logs their means (rank 0 writes grids)."""
 
-    def __init__(self, steps: int = 8, sampler: str = "euler", schedule: str = "log_linear", grid_images: int = 4,
-                 lpips: bool = True, seed: int = 0, loss_sigma: float = 0.6065):
-        self.steps, self.sampler, self.schedule = steps, get_sampler(sampler), schedule
-        make_sigmas(schedule, steps)
+    def __init__(self, steps: int = 8, sampler: str = "euler", schedule: str = "log_linear",
+                 sampler_options: dict | None = None, grid_images: int = 4, lpips: bool = True, seed: int = 0,
+                 loss_sigma: float = 0.6065):
+        """The sampling knobs (steps, sampler, schedule, sampler_options) as ``latentup.settings.Settings`` checks
+        them (configs/sampling/)."""
+        self.settings = Settings(steps=steps, sampler=sampler, schedule=schedule,
+                                 sampler_options=dict(sampler_options or {})).validate()
         self.grid_images, self.lpips, self.seed, self.loss_sigma = grid_images, lpips, seed, loss_sigma
         self.metrics: ImageMetrics | None = None
         self.baseline: dict[int, dict[str, float]] = {}  # per image: scores of latent-bicubic (fixed)
@@ -45,12 +48,13 @@ class Validator:
     @torch.no_grad()
     def sample(self, module, lr: torch.Tensor, cond: dict, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """(EMA sample [B, C, 2h, 2w], the initial unit noise), seeded per image index."""
-        sigmas = make_sigmas(self.schedule, self.steps).to(lr.device)
+        s = self.settings
         shape = (lr.shape[1], 2 * lr.shape[2], 2 * lr.shape[3])
         noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(self.seed, i)))
                              for i in indices]).to(lr.device)
-        model = guided(module.model_ema, cond)
-        return self.sampler(model, noise * sigmas[0], sigmas, noise=lambda x: torch.randn_like(x)), noise
+        out = sample(module.model_ema, noise, make_sigmas(s.schedule, s.steps).to(lr.device), cond, sampler=s.sampler,
+                     sampler_options=s.sampler_options, fresh_noise=torch.randn_like)
+        return out, noise
 
     @torch.no_grad()
     def baseline_scores(self, module, lr: torch.Tensor, hr_px: torch.Tensor, indices: list[int], metrics) -> None:
