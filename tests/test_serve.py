@@ -197,6 +197,8 @@ def test_bad_requests_get_errors_and_the_server_keeps_serving(server, photo):
         assert "localhost is not an allowed host" in redirected["message"]
     finally:
         redirector.shutdown()
+    local = post(base, [task(str(SHARED / "datasets/eval/Set5/bird.png"))]).json()["errors"][0]  # never read
+    assert local["parameter"] == "inputs.image" and "imageBase64Data" not in str(local)
     ping = post(base, [{"taskType": "ping", "ping": True}]).json()
     assert ping == {"data": [{"taskType": "ping", "pong": True}]}
     assert httpx.get(f"{base}/health").json()["status"] == "ok"
@@ -338,3 +340,21 @@ def test_full_queue_and_timeout_are_per_task_errors(upscaler, photo, tmp_path):
     assert (answers[2]["code"], answers[2]["taskUUID"]) == ("queueFull", answers[2]["taskUUID"])
     [late] = asyncio.run(main(0.05, [(64, 48)]))
     assert late["code"] == "timeoutProvider" and late["parameter"] is None
+
+
+def test_keys_from_the_environment_allow_a_public_host(monkeypatch):
+    from omegaconf import OmegaConf
+
+    from latentup.errors import ConfigError
+    from latentup.serve.__main__ import _check
+
+    cfg = OmegaConf.load(REPO / "configs/serve/serve.yaml")
+    cfg.host = "0.0.0.0"
+    monkeypatch.delenv("LATENTUP_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="no API key"):
+        _check(cfg)
+    monkeypatch.setenv("LATENTUP_API_KEYS", "k1, k2")
+    assert _check(cfg) == (["k1", "k2"], [])
+    cfg.max_batch = 0
+    with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
+        _check(cfg)
