@@ -1,6 +1,6 @@
 """Upscale an image, a folder of images, an SD latent, or a file of hosted-API tasks by 2x.
 
-    python infer.py input=photo.jpg                                  # -> photo_x2.png, bundled default model
+    python infer.py input=photo.jpg                                  # -> ./photo_x2.png, bundled default model
     python infer.py weights=sd-x2-latent-upscaler/ input=photos/ output=big/ prompt="a photo" cfg_scale=7
     python infer.py weights=... input=latent.safetensors output=latent_x2.safetensors
     python infer.py weights=... task=tasks.json output=outputs/      # prints {"data": [...]} on stdout
@@ -9,14 +9,19 @@
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
 
+from latentup.atomic import folder_lock
+from latentup.cli import command
 from latentup.errors import ConfigError, InputError, LatentupError, exit_on_error
-from latentup.imageio import image_format, list_images, load_image, load_latent, save_image, save_latent
+from latentup.imageio import (check_finite, image_format, list_images, load_image, load_latent, save_image,
+                              save_latent)
+from latentup.seeds import image_seed
+
+FREE_TEXT = ("prompt", "negative_prompt", "input", "output", "weights", "task", "autoencoder", "text_encoder")
 
 
 def _path(value) -> Path:
@@ -25,9 +30,10 @@ def _path(value) -> Path:
 
 
 def _default_output(source: Path, suffix: str | None = None) -> Path:
+    """``<input name>_x2`` in the current folder (never beside the input, which may sit in an installed package)."""
     if source.is_dir():
-        return source.with_name(source.name + "_x2")
-    return source.with_name(f"{source.stem}_x2{suffix or source.suffix}")
+        return Path(source.resolve().name + "_x2")
+    return Path(f"{source.stem}_x2{suffix or source.suffix}")
 
 
 def _settings(cfg: DictConfig) -> dict:
@@ -43,19 +49,33 @@ def _speed(cfg: DictConfig) -> dict:
 def _check_options(cfg: DictConfig, settings: dict) -> None:
     """Validate values before any weights are loaded, so bad input fails fast."""
     from latentup.devices import resolve_device
-    from latentup.settings import Settings, check_flag, check_speed, resolve_dtype
+    from latentup.settings import Settings, check_flag, check_int, check_speed, resolve_dtype
 
     Settings(**{k: v for k, v in settings.items() if v is not None}).validate()
     resolve_dtype(cfg.dtype, resolve_device(cfg.device))
     check_speed(**_speed(cfg))
     check_flag("download", cfg.download)
     check_flag("progress", cfg.progress)
+    check_flag("overwrite", cfg.overwrite)
+    check_int("max_pixels", cfg.max_pixels, 1, None, "e.g. max_pixels=4194304 (2048 x 2048), null: no limit",
+              optional=True)
 
 
-def _check_writable(path: Path, folder: bool = False) -> None:
-    """Before any work: an InputError unless the file (or ``folder``) ``path`` can be written."""
+def _check_not_input(output: Path, source: Path) -> None:
+    """An InputError when writing ``output`` would replace the input ``source`` (same path, link or folder)."""
+    if output.resolve() == source.resolve() or (output.exists() and os.path.samefile(output, source)):
+        kind = "folder" if source.is_dir() else "file"
+        raise InputError(f"output {output} is the input {kind} {source}: choose another output (inputs are never "
+                         "overwritten)")
+
+
+def _check_writable(path: Path, folder: bool = False, overwrite: bool = True) -> None:
+    """Before any work: an InputError unless the file (or ``folder``) ``path`` can be written (and, unless
+    ``overwrite``, does not exist yet)."""
     if os.path.exists(path) and path.is_dir() != folder:
         raise InputError(f"output {path} is an existing {'file' if folder else 'folder'}: choose another output path")
+    if not folder and not overwrite and os.path.lexists(path):
+        raise InputError(f"output {path} exists: pass overwrite=true to replace it, or choose another output")
     target = (path if folder else path.parent).absolute()
     existing = next(p for p in (target, *target.parents) if os.path.exists(p))  # folders below it get created
     try:
@@ -95,43 +115,59 @@ def run(cfg: DictConfig) -> None:
     source = _path(cfg.input)
     if not source.exists():
         raise InputError(f"input {source} does not exist: check the path")
-    if source.suffix == ".safetensors":
+    if source.suffix == ".safetensors" and not source.is_dir():
         latent = load_latent(source)
         output = _path(cfg.output) if cfg.output else _default_output(source)
         if settings["colour_fix"]:
             raise ConfigError("colour_fix acts on images, but a latent input gives a latent output: drop colour_fix")
         if output.suffix != ".safetensors":
             raise ConfigError(f"a latent input needs a .safetensors output, got {output}")
-        _check_writable(output)
+        _check_not_input(output, source)
+        _check_writable(output, overwrite=cfg.overwrite)
         upscaler = _load(cfg)
-        save_latent(upscaler.upscale_latent(latent, progress=cfg.progress, **settings), output)
-        print(f"wrote {output} {tuple(latent.shape)} -> 2x")
+        start = time.perf_counter()
+        result = upscaler.upscale_latent(latent, progress=cfg.progress, **settings)
+        check_finite(result, "upscaled latent")
+        save_latent(result, output, overwrite=cfg.overwrite)
+        print(f"wrote {output} {tuple(latent.shape)} -> 2x in {time.perf_counter() - start:.1f} s")
         return
     if source.is_dir():
         files = list_images(source)
-        for file in files:  # fail on a corrupt file before any work
-            load_image(file)
+        for file in files:  # fail on a corrupt or oversized file before any work
+            load_image(file, cfg.max_pixels)
         output = _path(cfg.output) if cfg.output else _default_output(source)
+        _check_not_input(output, source)
         for file in files:  # every target before the first write
-            _check_writable(output / file.name)
-        upscaler = _load(cfg)
-        seed = settings.pop("seed") or 0  # null: the default
-        for i, file in enumerate(tqdm(files, desc="upscaling", disable=not cfg.progress)):
-            save_image(upscaler.upscale_image(file, seed=seed + i, **settings), output / file.name)
-        print(f"wrote {len(files)} images to {output}")
+            _check_not_input(output / file.name, file)
+            _check_writable(output / file.name, overwrite=cfg.overwrite)
+        with folder_lock(output):  # a second run into the same folder is refused: results never mix
+            upscaler = _load(cfg)
+            seed = settings.pop("seed")
+            start = time.perf_counter()
+            for i, file in enumerate(files):
+                began = time.perf_counter()
+                image = upscaler.upscale_image(load_image(file, cfg.max_pixels), seed=image_seed(seed, i),
+                                               progress=cfg.progress, **settings)
+                save_image(image, output / file.name, overwrite=cfg.overwrite)
+                print(f"[{i + 1}/{len(files)}] wrote {output / file.name} in {time.perf_counter() - began:.1f} s")
+        total = time.perf_counter() - start
+        print(f"wrote {len(files)} images to {output} in {total:.1f} s ({total / len(files):.1f} s per image)")
         return
-    image = load_image(source)
+    image = load_image(source, cfg.max_pixels)
     output = _path(cfg.output) if cfg.output else _default_output(source, ".png")
     if output.is_dir():
         output = output / source.name
     image_format(output)
-    _check_writable(output)
+    _check_not_input(output, source)
+    _check_writable(output, overwrite=cfg.overwrite)
     upscaler = _load(cfg)
-    save_image(upscaler.upscale_image(image, progress=cfg.progress, **settings), output)
-    print(f"wrote {output} ({image.width}x{image.height} -> {2 * image.width}x{2 * image.height})")
+    start = time.perf_counter()
+    save_image(upscaler.upscale_image(image, progress=cfg.progress, **settings), output, overwrite=cfg.overwrite)
+    print(f"wrote {output} ({image.width}x{image.height} -> {2 * image.width}x{2 * image.height}) in "
+          f"{time.perf_counter() - start:.1f} s")
 
 
-@hydra.main(version_base=None, config_path="configs/infer", config_name="infer")
+@command(Path(__file__).parent / "configs" / "infer", "infer", __doc__, FREE_TEXT)
 def main(cfg: DictConfig) -> None:
     with exit_on_error():
         run(cfg)

@@ -1,5 +1,6 @@
 """Image and latent files in and out: EXIF orientation, RGBA / greyscale, reflect padding, atomic writes."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +25,11 @@ def load_image(path, max_pixels: int | None = None) -> Image.Image:
     if not path.is_file():
         raise InputError(f"input image {path} does not exist: check the path")
     try:
-        with Image.open(path) as image:
+        with warnings.catch_warnings():
+            if max_pixels is not None:  # the cap below decides, not PIL's warning threshold
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            image = Image.open(path)
+        with image:
             width, height = image.size
             if max_pixels is not None and width * height > max_pixels:
                 raise InputError(f"input {path} is {width}x{height} = {width * height} pixels, over max_pixels="
@@ -159,7 +164,6 @@ def load_latent(path) -> torch.Tensor:
 
 
 def save_latent(latent: torch.Tensor, path, overwrite: bool = True) -> Path:
-    """Write ``{"latent": latent}`` atomically (refused when not finite; ``overwrite`` as in :func:`save_image`)."""
-    check_finite(latent, "upscaled latent")
+    """Write ``{"latent": latent}`` atomically (``overwrite`` as in :func:`save_image`)."""
     return write_atomic(Path(path), lambda tmp: save_file({"latent": latent.detach().cpu().contiguous()}, tmp),
                         overwrite=overwrite)

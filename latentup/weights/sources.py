@@ -43,7 +43,11 @@ def checked_config(make_config, state: dict, source) -> UNetConfig:
     except (LatentupError, TypeError, ValueError, KeyError, AttributeError, ArithmeticError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightsMismatchError(f"{source}: unusable U-Net config ({reason}); {fix}") from None
-    implied = config_from_state_dict(state)
+    try:
+        implied = config_from_state_dict(state)
+    except WeightsMismatchError:
+        raise WeightsMismatchError(f"{source}: the tensors do not fit any U-Net (layers are missing); the file is "
+                                   "incomplete: export or download the weights again") from None
     differs = [f"{k} {getattr(config, k)} != {getattr(implied, k)}" for k in STRUCTURE
                if getattr(config, k) != getattr(implied, k)]
     if differs:
