@@ -4,7 +4,7 @@ the way where it does not apply."""
 import pytest
 import torch
 
-from latentup.diffusion.graphed import GraphedDenoiser
+from latentup.diffusion.graphed import GraphedDenoiser, _tensors
 from latentup.diffusion.guidance import guided
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.diffusion.samplers import SAMPLERS
@@ -55,6 +55,25 @@ def test_graphed_step_loop_needs_no_host_sync():
     assert out.device.type == "meta" and len(calls) == 3
 
 
+def test_next_call_reuses_the_recorded_graph_when_its_conditioning_fits():
+    """prepare copies a same-shaped conditioning into the recorded buffers (the graph reads them) and returns them."""
+    denoiser = KarrasDenoiser(small_unet())
+    wrapped = GraphedDenoiser(denoiser)
+    cond, uncond, _ = conditioning()
+    with torch.no_grad():
+        first = wrapped.prepare(**cond)
+        wrapped._call().graph = "recorded"  # as after a capture on CUDA
+        second = wrapped.prepare(**uncond)
+        expected = denoiser.prepare(**uncond)
+        assert second is first and wrapped._call().graph == "recorded"
+        for buffer, value in zip(_tensors(second), _tensors(expected), strict=True):
+            assert torch.equal(buffer, value)
+        assert len(_tensors(second)) > 10  # image_cond, embeddings, every block's text K/V
+        other, *_ = conditioning(batch=2)
+        third = wrapped.prepare(**other)  # another batch: a new graph
+        assert third is not first and wrapped._call().graph is None
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("name", ["euler", "dpmpp_2m"])
@@ -63,9 +82,14 @@ def test_graphed_sampling_on_cuda_equals_eager(name):
     sigmas = sigmas_log_linear(6)
     wrapped = GraphedDenoiser(denoiser)
     with torch.no_grad():
-        for batch in (1, 2):  # the second call prepares anew and records a graph of another shape
+        graphs = []
+        for i, batch in enumerate((1, 1, 2)):  # the second call reuses the graph, the third records another one
             cond, uncond, x = conditioning("cuda", batch)
+            if i == 1:  # other values, same shapes
+                cond, uncond, x = uncond, cond, -x
             expected = run(name, denoiser, cond, uncond, x, sigmas)
             got = run(name, wrapped, cond, uncond, x, sigmas)
-            assert wrapped._call().graph is not None and wrapped.enabled
+            graphs.append(wrapped._call().graph)
+            assert graphs[-1] is not None and wrapped.enabled
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        assert graphs[1] is graphs[0] and graphs[2] is not graphs[1]

@@ -10,8 +10,10 @@ buffers for x and sigma (the prepared conditioning is captured in place), and ev
     static_x ← x,  static_sigma ← sigma,  replay,  return a copy of static_out
 
 is two device copies and one graph launch: no Python, no allocator and no kernel launch per layer, and no
-host-device synchronisation (sigma stays on the device). No compiler is involved, so there is no compile wait. A new
-``prepare`` (the next sampling call), shape, dtype or device records anew. Anything else (CPU, gradients enabled,
+host-device synchronisation (sigma stays on the device). No compiler is involved, so there is no compile wait. The
+next sampling call's ``prepare`` copies its conditioning into the recorded buffers when every tensor has the same
+shape, dtype and device, and replays the same graph from its first step (a folder of same-size images, a server);
+otherwise, and for another shape of x, it records anew. Anything else (CPU, gradients enabled,
 conditioning that is not the prepared one, a capture that fails) runs D eagerly, with the same results. The
 per-call state is per thread, so concurrent sampling calls (one per thread, as a server makes them) each record and
 replay a graph of their own.
@@ -20,6 +22,7 @@ replay a graph of their own.
 the first process ever compiles the U-Net for a size and dtype.
 """
 
+import dataclasses
 import os
 import threading
 import warnings
@@ -47,11 +50,16 @@ class GraphedDenoiser(nn.Module):
         return call
 
     def prepare(self, **cond) -> dict:
-        """The wrapped denoiser's per-call conditioning; it starts a new graph."""
-        call = self._call()
+        """The wrapped denoiser's per-call conditioning: copied into the recorded graph's buffers (and those
+        returned) when it fits them, else it starts a new graph."""
+        call, prepared = self._call(), self.denoiser.prepare(**cond)
+        if call.graph is not None and _signature(prepared) == _signature(call.prepared):
+            for buffer, value in zip(_tensors(call.prepared), _tensors(prepared)):
+                buffer.copy_(value)
+            return call.prepared
         call.key = call.warmed = call.graph = call.static = None
-        call.prepared = self.denoiser.prepare(**cond)
-        return call.prepared
+        call.prepared = prepared
+        return prepared
 
     def _applies(self, x: Tensor, sigma: Tensor, cond: dict) -> bool:
         prepared = self._call().prepared
@@ -91,6 +99,32 @@ class GraphedDenoiser(nn.Module):
         call.graph, call.static, call.key = graph, (static_x, static_sigma, static_out), key
         graph.replay()
         return static_out.clone()
+
+
+def _signature(tree):
+    """The structure of nested dicts / lists / tuples / dataclasses, with tensors as (shape, dtype, device)."""
+    if torch.is_tensor(tree):
+        return tuple(tree.shape), tree.dtype, tree.device
+    if isinstance(tree, dict):
+        return tuple((key, _signature(value)) for key, value in tree.items())
+    if isinstance(tree, (list, tuple)):
+        return type(tree).__name__, tuple(_signature(value) for value in tree)
+    if dataclasses.is_dataclass(tree):
+        return type(tree).__name__, tuple(_signature(getattr(tree, f.name)) for f in dataclasses.fields(tree))
+    return tree
+
+
+def _tensors(tree) -> list[Tensor]:
+    """The tensors of nested dicts / lists / tuples / dataclasses, in the order of ``_signature``."""
+    if torch.is_tensor(tree):
+        return [tree]
+    if isinstance(tree, dict):
+        tree = list(tree.values())
+    elif dataclasses.is_dataclass(tree):
+        tree = [getattr(tree, f.name) for f in dataclasses.fields(tree)]
+    elif not isinstance(tree, (list, tuple)):
+        return []
+    return [tensor for value in tree for tensor in _tensors(value)]
 
 
 def compile_cache() -> Path:
