@@ -82,7 +82,7 @@ def commands(pipeline: Path, latent: Path, steps: int, threads: int, folder: Pat
                  str(threads), PROMPT, NEGATIVE, str(CFG)]
     infer = [sys.executable, str(ROOT / "infer.py"), f"weights={pipeline}", f"input={latent}",
              f"output={out['latentup']}", f"steps={steps}", f"cfg_scale={CFG}", f"prompt='{PROMPT}'",
-             f"negative_prompt='{NEGATIVE}'", "seed=0", "device=cpu", "progress=false", *extra]
+             f"negative_prompt='{NEGATIVE}'", "seed=0", "device=cpu", "progress=false", "overwrite=true", *extra]
     return {"diffusers": (diffusers, out["diffusers"]), "latentup": (infer, out["latentup"])}
 
 
