@@ -81,7 +81,8 @@ async def main(args) -> int:
     print("| clients x tasks | answered | exactly once | errors | wall s | tasks/s | p50 s | p95 s | batches |")
     print("|---|---|---|---|---|---|---|---|---|")
     print(f"| {args.clients} x {args.tasks} | {sum(answers.values())} | {'yes' if once else 'NO'} | {len(errors)} | "
-          f"{wall:.1f} | {len(latencies) / wall:.2f} | {p50:.2f} | {p95:.2f} | {after['batches'] - before['batches']} |")
+          f"{wall:.1f} | {len(latencies) / wall:.2f} | {p50:.2f} | {p95:.2f} | "
+          f"{after['batches'] - before['batches']} |")
     for item in errors[:3]:
         print(f"error: {item.get('code')}: {item.get('message')}", file=sys.stderr)
     return 0 if once and not errors else 1

@@ -30,9 +30,9 @@ def pipeline_dir(tmp_path_factory):
 def run(pipeline_dir, tasks, tmp_path, *extra):
     text = tasks if isinstance(tasks, str) else json.dumps(tasks)
     (tmp_path / "tasks.json").write_text(text)
-    return subprocess.run([sys.executable, str(REPO / "infer.py"), f"weights={pipeline_dir}", f"task={tmp_path / 'tasks.json'}",
-                           f"output={tmp_path / 'out'}", "progress=false", *extra], capture_output=True, text=True,
-                          cwd=REPO, timeout=600)
+    return subprocess.run([sys.executable, str(REPO / "infer.py"), f"weights={pipeline_dir}",
+                           f"task={tmp_path / 'tasks.json'}", f"output={tmp_path / 'out'}", "progress=false", *extra],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
 
 
 def answers(stdout: str) -> dict:
@@ -59,7 +59,8 @@ def test_upscale_tasks(pipeline_dir, tmp_path):
     data_uri = "data:image/png;base64," + png_base64(photo)
     first, second, third = (str(uuid.uuid4()) for _ in range(3))
     tasks = [
-        {"taskType": "upscale", "taskUUID": first, "model": "runware:502@1", "inputs": {"image": str(tmp_path / "in.png")},
+        {"taskType": "upscale", "taskUUID": first, "model": "runware:502@1",
+         "inputs": {"image": str(tmp_path / "in.png")},
          "upscaleFactor": 2, "settings": {"positivePrompt": "a bird", "negativePrompt": "blur", "steps": 3, "seed": 7,
                                            "CFGScale": 4, "clipSkip": 2}, "outputFormat": "PNG", "includeCost": True},
         {"taskType": "imageUpscale", "taskUUID": second, "inputImage": data_uri, "settings": {"steps": 2, "seed": 1},
@@ -150,13 +151,15 @@ def test_task_errors_are_per_task(pipeline_dir, tmp_path):
     """Each bad task gets its own error in the request's field names, with `parameter` set; the good ones run; a
     local path is refused unless the operator enables task_paths."""
     Image.new("RGB", (64, 64), (120, 30, 200)).save(tmp_path / "in.png")
-    good = {"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "inputs": {"image": png_base64(Image.open(tmp_path / "in.png"))},
+    image = png_base64(Image.open(tmp_path / "in.png"))
+    good = {"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "inputs": {"image": image},
             "settings": {"steps": 1, "seed": 0}, "outputFormat": "PNG"}
     cases = bad_tasks(good)
     path_task = {**good, "taskUUID": str(uuid.uuid4()), "inputs": {"image": str(tmp_path / "in.png")}}
     second_good = {**good, "taskUUID": str(uuid.uuid4())}
     text = json.dumps([good, *(c[0] for c in cases), path_task, second_good, 5])
-    text = text[:-1] + ', {"taskType": "upscale", "taskUUID": "%s", "inputImage": "eA", "outputQuality": 1e999}]' % uuid.uuid4()
+    infinite = '{"taskType": "upscale", "taskUUID": "%s", "inputImage": "eA", "outputQuality": 1e999}' % uuid.uuid4()
+    text = f"{text[:-1]}, {infinite}]"  # 1e999: a JSON number that parses to inf
     result = run(pipeline_dir, text, tmp_path)
     assert result.returncode == 2, result.stderr
     assert result.stderr.strip().count("\n") == 0 and "tasks failed" in result.stderr
@@ -164,7 +167,8 @@ def test_task_errors_are_per_task(pipeline_dir, tmp_path):
     assert "imageURL" in out[good["taskUUID"]] and "imageURL" in out[second_good["taskUUID"]]
     errors = [json.loads(line)["errors"][0] for line in result.stdout.splitlines() if "errors" in json.loads(line)]
     expected = [(code, parameter) for _, code, parameter in cases]
-    expected += [("invalidParameter", "inputs.image"), ("invalidParameter", None), ("invalidParameter", "outputQuality")]
+    expected += [("invalidParameter", "inputs.image"), ("invalidParameter", None),
+                 ("invalidParameter", "outputQuality")]
     assert Counter((e["code"], e["parameter"]) for e in errors) == Counter(expected)
     for error in errors:
         assert set(error) == {"code", "message", "parameter", "taskType", "taskUUID"} and "\n" not in error["message"]

@@ -81,7 +81,7 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
         except RequestError as failure:
             return JSONResponse(message(failure.error, "authentication" if failure.error.parameter == "apiKey"
                                         else None), status_code=HTTP_STATUS.get(failure.error.code, 400))
-        answers = await asyncio.gather(*(service.answer(task) for task in tasks[authenticating:]))
+        answers = await asyncio.gather(*(service.answer(task) for task in tasks[1 if authenticating else 0:]))
         data = [item for answer in answers for item in answer.get("data", [])]
         errors = [item for answer in answers for item in answer.get("errors", [])]
         if authenticating:

@@ -7,19 +7,19 @@ fetched and decoded, outputs encoded and stored, in worker threads, so the event
 """
 
 import asyncio
-import hmac
 import hashlib
+import hmac
 import logging
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from latentup.errors import LatentupError
 from latentup.serve.batcher import Batcher, QueueFull
 from latentup.serve.store import ImageStore
 from latentup.serve.tasks import (UPSCALE_TYPES, Sources, TaskError, check_with_model, encode_output, error_object,
-                                  load_input, open_image, parse_header, parse_upscale, read_reference, response_item,
-                                  run_batch, typed)
+                                  file_type, load_input, open_image, parse_header, parse_upscale,
+                                  read_reference, response_item, run_batch, typed)
 
 log = logging.getLogger("latentup.serve")
 HTTP_STATUS = {"missingApiKey": 401, "invalidApiKey": 401, "taskNotFound": 404, "conflictTaskUUID": 409,
@@ -37,7 +37,7 @@ class Record:
 
     task_type: str
     answer: dict | None = None
-    expires: float = field(default=0.0)
+    expires: float = 0.0
 
 
 class Service:
@@ -138,10 +138,8 @@ class Service:
 
         def store():
             data = read_reference(value, "image", self.sources)
-            image = open_image(data, "image")
-            suffix, mime = {"PNG": ("png", "image/png"), "JPEG": ("jpg", "image/jpeg"),
-                            "WEBP": ("webp", "image/webp")}[image.format or "PNG"]
-            return self.store.put(data, suffix, mime)
+            open_image(data, "image")  # checked like an upscale's input
+            return self.store.put(data, *file_type(data))
 
         image_uuid, name = await asyncio.to_thread(store)
         return {"data": [{"taskType": task_type, "taskUUID": task_uuid, "imageUUID": image_uuid,

@@ -205,8 +205,9 @@ def check_with_model(upscaler, task: UpscaleTask) -> None:
 
 @dataclass
 class Sources:
-    """Where image references may come from: ``lookup(imageUUID)`` -> bytes or None, ``fetch(url, parameter)`` -> bytes (None:
-    URLs refused; it raises TaskErrors), local paths only with ``allow_paths`` (the operator's choice; never in the server)."""
+    """Where image references may come from: ``lookup(imageUUID)`` -> bytes or None; ``fetch(url, parameter)`` ->
+    bytes or a TaskError (None: URLs refused); local paths only with ``allow_paths`` (the operator's choice; never in
+    the server)."""
 
     lookup: Callable[[str], bytes | None]
     fetch: Callable[[str, str], bytes] | None = None
@@ -273,6 +274,12 @@ def open_image(data: bytes, parameter: str) -> Image.Image:
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, EOFError) as error:
         raise TaskError("invalidParameter", f"{parameter} is not a readable PNG, JPEG or WEBP image "
                         f"({type(error).__name__})", parameter) from None
+
+
+def file_type(data: bytes) -> tuple[str, str]:
+    """(suffix, MIME type) of image bytes that :func:`open_image` accepted."""
+    with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as image:
+        return next((suffix, mime) for fmt, suffix, mime in OUTPUT_FORMATS.values() if fmt == image.format)
 
 
 def load_input(task: UpscaleTask, sources: Sources) -> tuple[Image.Image, str]:
