@@ -33,9 +33,11 @@ def message(error: TaskError, task_type=None, task_uuid=None) -> dict:
 
 @dataclass
 class Record:
-    """What is known of one taskUUID: its answer once there is one."""
+    """What is known of one taskUUID: whether it is answered, and for async delivery the answer itself (a sync
+    answer goes out on its request or session and is not kept: it may carry a whole image inline)."""
 
     task_type: str
+    keep: bool = False
     answer: dict | None = None
     expires: float = 0.0
 
@@ -98,7 +100,8 @@ class Service:
             if task_uuid in self.records:
                 raise TaskError("conflictTaskUUID", f"taskUUID {task_uuid} was already used: give each task a new "
                                 "UUID", "taskUUID")
-            record = self.records[task_uuid] = Record(task_type, expires=time.monotonic() + self.store.ttl)
+            keep = task_type in UPSCALE_TYPES and task.get("deliveryMethod") == "async"
+            record = self.records[task_uuid] = Record(task_type, keep, expires=time.monotonic() + self.store.ttl)
         except TaskError as error:
             return message(error, task_type, task_uuid)
         coroutine = self._upload if task_type == "imageUpload" else self._upscale
@@ -107,14 +110,14 @@ class Service:
         self._background.add(work)
 
         def finish(done):
-            record.answer = done.result()
+            record.answer = done.result() if record.keep else {}
             self.in_flight -= 1
             self._background.discard(done)
 
         work.add_done_callback(finish)
-        if task_type in UPSCALE_TYPES and task.get("deliveryMethod") == "async":  # answered by getResponse
+        if record.keep:  # answered by getResponse
             return {"data": [{"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}]}
-        return await asyncio.shield(work)  # runs on when the caller goes away: the answer waits in the record
+        return await asyncio.shield(work)  # runs on when the caller goes away (a WebSocket session buffers it)
 
     async def _guard(self, work, task_type, task_uuid) -> dict:
         try:
@@ -173,6 +176,9 @@ class Service:
         record = self.records.get(task_uuid)
         if record is None:
             raise TaskError("taskNotFound", f"no task {task_uuid} here (or it expired)", "taskUUID")
+        if not record.keep:
+            raise TaskError("taskNotFound", f"task {task_uuid} was delivered sync, on its own request: getResponse "
+                            'serves tasks sent with "deliveryMethod": "async"', "taskUUID")
         if record.answer is None:
             return {"data": [{"taskType": record.task_type, "taskUUID": task_uuid, "status": "processing"}]}
         return record.answer
