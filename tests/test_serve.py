@@ -79,6 +79,14 @@ def close_to(array: np.ndarray, image: Image.Image) -> bool:
     return np.abs(array - np.asarray(image, dtype=np.int16)).max() <= 1
 
 
+def wait_in_flight(base, timeout=30.0):
+    """Until the server has accepted a task that is not answered yet."""
+    deadline = time.monotonic() + timeout
+    while httpx.get(f"{base}/health").json()["inFlight"] < 1:
+        assert time.monotonic() < deadline, "the task never reached the server"
+        time.sleep(0.01)
+
+
 def post(base, tasks, headers=BEARER):
     return httpx.post(f"{base}/v1", json=tasks, headers=headers, timeout=60)
 
@@ -246,7 +254,7 @@ def test_killed_client_resumes_its_session(server, photo):
     client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, url, KEY, json.dumps([slow])],
                               stdout=subprocess.PIPE, text=True)
     session = client.stdout.readline().strip()
-    time.sleep(0.3)  # the task is sent and running
+    wait_in_flight(base)  # the task is accepted and not answered yet
     client.send_signal(signal.SIGKILL)
     client.wait(timeout=30)
 
@@ -313,9 +321,10 @@ def test_sigterm_drains(server, photo):
             await ws.send(json.dumps([{"taskType": "authentication", "apiKey": KEY}]))
             await ws.recv()
             await ws.send(json.dumps([slow]))
-            await asyncio.sleep(0.3)
+            await asyncio.to_thread(wait_in_flight, base)
             process.send_signal(signal.SIGTERM)
-            await asyncio.sleep(0.2)
+            while httpx.get(f"{base}/health").json()["status"] != "draining":
+                await asyncio.sleep(0.01)
             await ws.send(json.dumps([task(png_base64(photo))]))
             return [json.loads(await asyncio.wait_for(ws.recv(), 60)) for _ in range(2)]
 
