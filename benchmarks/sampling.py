@@ -269,8 +269,8 @@ def run_big(args, upscaler: Upscaler) -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    columns = ["size", "run", "seconds", "first_call_seconds", "ratio", "decode_seconds", "peak_gib", "max_abs_diff", "max_abs_out",
-               "max_abs_diff_fp32", "unet_tflop_per_step", "fraction_of_peak"]
+    columns = ["size", "run", "seconds", "first_call_seconds", "ratio", "decode_seconds", "peak_gib", "max_abs_diff",
+               "max_abs_out", "max_abs_diff_fp32", "unet_tflop_per_step", "fraction_of_peak"]
     columns = [c for c in columns if any(c in r for r in rows)]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for r in rows:
