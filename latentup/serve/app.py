@@ -63,6 +63,8 @@ def _auth_error(task) -> TaskError:
 
 
 def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request_bytes: int, lifespan=None):
+    answering: set[asyncio.Task] = set()  # WebSocket tasks being answered (they outlive their socket)
+
     async def rest(request: Request) -> JSONResponse:
         try:
             body = bytearray()
@@ -96,7 +98,6 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
             session = await _authenticate(websocket)
             if session is None:
                 return
-            running = set()
             while True:
                 try:
                     tasks = parse_request(await _receive(websocket), max_tasks)
@@ -109,8 +110,8 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
                                                          "connectionSessionUUID": session.uuid}]})
                         continue
                     job = asyncio.ensure_future(_answer(session, task))
-                    running.add(job)
-                    job.add_done_callback(running.discard)
+                    answering.add(job)
+                    job.add_done_callback(answering.discard)
         except WebSocketDisconnect:
             pass
         finally:
