@@ -377,3 +377,32 @@ def test_keys_from_the_environment_allow_a_public_host(monkeypatch):
     cfg.max_batch = 0
     with pytest.raises(ConfigError, match="max_batch must be an integer >= 1"):
         _check(cfg)
+
+
+def test_url_fetcher_caps_size_and_hosts():
+    from latentup.serve.fetch import UrlFetcher
+    from latentup.serve.tasks import TaskError
+
+    class Files(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = b"x" * 10_000
+            self.send_response(200 if self.path == "/big" else 404)
+            self.end_headers()
+            self.wfile.write(body if self.path == "/big" else b"")
+
+        def log_message(self, *args):
+            pass
+
+    files = http.server.HTTPServer(("127.0.0.1", 0), Files)
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{files.server_port}"
+    try:
+        assert UrlFetcher(["127.0.0.1"], 20_000, 5)(f"{url}/big") == b"x" * 10_000
+        for fetcher, path, reason in ((UrlFetcher(["127.0.0.1"], 1_000, 5), "/big", "over 1000 bytes"),
+                                      (UrlFetcher(["127.0.0.1"], 20_000, 5), "/missing", "HTTP 404"),
+                                      (UrlFetcher(["example.com"], 20_000, 5), "/big", "not an allowed host")):
+            with pytest.raises(TaskError, match=reason) as error:
+                fetcher(url + path, "inputs.image")
+            assert error.value.parameter == "inputs.image"
+    finally:
+        files.shutdown()

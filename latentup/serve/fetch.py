@@ -15,7 +15,8 @@ MAX_REDIRECTS = 3
 
 
 class UrlFetcher:
-    """``fetcher(url) -> bytes`` for hosts named in ``allow_hosts`` (exact, case-insensitive host names)."""
+    """``fetcher(url, parameter) -> bytes`` for hosts named in ``allow_hosts`` (exact, case-insensitive host names);
+    a TaskError naming ``parameter`` for anything else."""
 
     def __init__(self, allow_hosts, max_bytes: int, timeout: float):
         self.allow_hosts = {host.lower() for host in allow_hosts}
