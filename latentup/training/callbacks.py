@@ -1,5 +1,6 @@
 """Training callbacks: step timing (steps/s, samples/s) written to ``timing.json`` at the end of training, a
-progress bar counted in optimizer steps, and the removal of checkpoints a killed run left half-written."""
+progress bar counted in optimizer steps, early exports of the newest checkpoint, and the removal of checkpoints a
+killed run left half-written."""
 
 import json
 import time
@@ -87,3 +88,20 @@ class RemovePartialCheckpoints(L.Callback):
             for partial in stale_temporaries(callback.dirpath or "", ".ckpt"):
                 partial.unlink(missing_ok=True)
                 print(f"removed the partial checkpoint {partial} of an interrupted run")
+
+
+class ExportNewest(L.Callback):
+    """After each validation during ``fit``, export the newest checkpoint (``last.ckpt``) to ``out_dir``, as
+    ``train.py stage=export`` would (``options``: ``export_checkpoint``'s ``ema``, ``diffusers``), so that a run has a
+    usable model long before it ends; the export at the end of ``fit`` replaces it. Rank zero only."""
+
+    def __init__(self, out_dir, **options):
+        self.out_dir, self.options = Path(out_dir), options
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        newest = getattr(trainer.checkpoint_callback, "last_model_path", "")
+        if trainer.is_global_zero and not trainer.sanity_checking and newest and Path(newest).is_file():
+            from latentup.training.export import export_checkpoint
+
+            written = export_checkpoint(newest, self.out_dir, **self.options)
+            print(f"step {trainer.global_step}: exported {newest} to {written['single_file']}")
