@@ -94,13 +94,16 @@ def build_module(cfg: DictConfig, autoencoder, text_encoder):
 
 def build_trainer(cfg: DictConfig):
     from hydra.utils import instantiate
+    from lightning.pytorch.callbacks import LearningRateMonitor
 
     from latentup.training.callbacks import RemovePartialCheckpoints
     from latentup.training.checkpoint_io import AtomicCheckpointIO
 
-    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
-    callbacks.append(RemovePartialCheckpoints())  # what AtomicCheckpointIO leaves when a run is killed mid-write
     loggers = [instantiate(c) for c in (cfg.get("logger") or {}).values() if c is not None] or False
+    callbacks = [instantiate(c) for c in (cfg.get("callbacks") or {}).values() if c is not None]
+    if not loggers:  # logger=none: nothing to monitor the learning rate into (Lightning refuses the monitor then)
+        callbacks = [c for c in callbacks if not isinstance(c, LearningRateMonitor)]
+    callbacks.append(RemovePartialCheckpoints())  # what AtomicCheckpointIO leaves when a run is killed mid-write
     return instantiate(cfg.trainer, precision=resolve_precision(cfg.trainer.precision), callbacks=callbacks,
                        logger=loggers, plugins=[AtomicCheckpointIO()])
 

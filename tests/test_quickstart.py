@@ -38,3 +38,19 @@ def test_export_newest_exports_the_last_checkpoint_after_validation(tmp_path, mo
     assert calls == []
     callback.on_validation_end(trainer(), None)
     assert calls == [(str(tmp_path / "last.ckpt"), tmp_path / "export", {"ema": True, "diffusers": None})]
+
+
+def test_logger_none_builds_a_trainer(tmp_path, monkeypatch):
+    """``logger=none`` drops the learning-rate monitor, which Lightning refuses without a logger (a traceback)."""
+    import importlib.util
+
+    from lightning.pytorch.callbacks import LearningRateMonitor
+
+    monkeypatch.setenv("LATENTUP_RUNS", str(tmp_path))
+    spec = importlib.util.spec_from_file_location("train_script", REPO / "train.py")
+    train = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(train)
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("train", ["experiment=quickstart", "logger=none"])
+    trainer = train.build_trainer(cfg)
+    assert trainer.logger is None and not any(isinstance(c, LearningRateMonitor) for c in trainer.callbacks)
