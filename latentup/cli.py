@@ -115,7 +115,7 @@ def _nearest(word: str, candidates) -> str:
         names = difflib.get_close_matches(word.rpartition(".")[2], set(leaves.values()), n=3, cutoff=0.75)
         close = [c for c in candidates if leaves[c] in names][:3]
     close = close or difflib.get_close_matches(word, candidates, n=3, cutoff=0.0)
-    return f"did you mean {' or '.join(close)}?"
+    return f"did you mean {' or '.join(close)}?" if close else "see --help"
 
 
 def check_keys(args: list[str], config_dir: Path, config_name: str, script: str) -> list[str]:
@@ -150,21 +150,27 @@ def check_keys(args: list[str], config_dir: Path, config_name: str, script: str)
                 choices = _choices(config_dir, key)
                 raise ConfigError(f"unknown {key} {value!r}: {_nearest(str(value), choices)} "
                                   f"(choices: {', '.join(choices)})")
+            if override.is_add():  # +group=x would add a second entry after the experiment's: a plain choice
+                args = [arg.lstrip("+") if a == arg else a for a in args]
+                arg = arg.lstrip("+")
             selected.append(arg)
         else:
             others.append((arg, override))
     if not others:
         return args
-    with initialize_config_dir(str(config_dir.resolve()), version_base=None):
-        config = OmegaConf.to_container(compose(config_name, selected), resolve=False)
+    try:
+        with initialize_config_dir(str(config_dir.resolve()), version_base=None):
+            config = OmegaConf.to_container(compose(config_name, selected), resolve=False)
+    except HydraException as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ConfigError(f"cannot compose the config from {' '.join(selected)}: {reason}") from None
     known = _paths(config)
-    args = list(args)
     for arg, override in others:
         key = override.key_or_group
         adding = override.is_add() or override.is_force_add()
         if key in known:
             if override.is_add():  # Hydra refuses "+" on an existing key: it is a plain change
-                args[args.index(arg)] = arg.lstrip("+")
+                args = [arg.lstrip("+") if a == arg else a for a in args]
             continue
         if adding and _may_add(key, known):
             continue

@@ -67,10 +67,11 @@ def test_unknown_keys_are_refused_with_the_nearest(name, config, args, message):
 
 
 def test_plus_reaches_objects_only():
-    """``+`` adds a keyword a ``_target_`` takes, or an entry of a collection of targets; ``+`` on a known key is a
-    plain change (Hydra would refuse it)."""
-    args = ["experiment=quickstart", "+trainer.profiler=simple", "+callbacks.kill._target_=x.Y", "+seed=3"]
-    assert prepare_arguments(args, REPO / "configs", "train", "", ()) == [*args[:3], "seed=3"]
+    """``+`` adds a keyword a ``_target_`` takes, or an entry of a collection of targets; ``+`` on a known key or
+    group is a plain change."""
+    args = ["experiment=quickstart", "+trainer.profiler=simple", "+callbacks.kill._target_=x.Y", "+seed=3",
+            "+trainer=cpu"]  # a second trainer entry would silently undo the experiment's trainer settings
+    assert prepare_arguments(args, REPO / "configs", "train", "", ()) == [*args[:3], "seed=3", "trainer=cpu"]
 
 
 @pytest.mark.parametrize("args", [["stepz=4"], ["+stepz=4"]])
