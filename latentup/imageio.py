@@ -1,4 +1,11 @@
-"""Image and latent files in and out: EXIF orientation, RGBA / greyscale, reflect padding, atomic writes."""
+"""Image and latent files in and out: EXIF orientation, RGBA / greyscale / 16-bit, reflect padding, atomic writes.
+
+Mode in -> mode out: an RGB, RGBA, LA, L or palette input comes back 8-bit in its own kind (palettes as RGB(A)); a
+high-bit-depth greyscale input (16-bit, 32-bit integer or float, mapped by its own white) comes back as 16-bit
+greyscale ("I;16", the result quantised to 65535 levels), written at 16 bits where the format holds them (PNG, TIFF)
+and as 8-bit elsewhere (JPEG, WEBP, BMP). Pillow reads a 48/64-bit RGB(A) PNG as 8-bit RGB(A) (the high byte of
+each sample: right brightness, 8-bit precision), so such inputs come back 8-bit.
+"""
 
 import warnings
 from pathlib import Path
@@ -14,6 +21,8 @@ from latentup.errors import InputError, LatentupError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff"}
 HIGH_BIT = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1}  # mode -> white
+SIXTEEN_BIT_FORMATS = ("PNG", "TIFF")  # formats that hold 16-bit greyscale
+LUMA = (0.299, 0.587, 0.114)  # ITU-R BT.601 weights of R, G, B: PIL's RGB -> L
 
 
 def load_image(path, max_pixels: int | None = None) -> Image.Image:
@@ -67,9 +76,27 @@ def split_alpha(image: Image.Image) -> tuple[Image.Image, Image.Image | None, st
     return image.convert("RGB"), alpha, mode
 
 
-def merge_alpha(rgb: Image.Image, alpha: Image.Image | None, mode: str) -> Image.Image:
-    """Undo :func:`split_alpha` on the 2x result (alpha enlarged with a bicubic filter)."""
-    if mode == "L" or mode in HIGH_BIT:
+def _unit(image: Image.Image) -> np.ndarray:
+    """High-bit-depth greyscale -> float32 [H, W] in [0, 1]: its own white (:data:`HIGH_BIT`) is 1, clipped."""
+    return np.clip(np.asarray(image, dtype=np.float32) / HIGH_BIT[image.mode], 0, 1)
+
+
+def _grey(values: np.ndarray, bits: int) -> Image.Image:
+    """Greyscale [H, W] in [0, 1] -> a PIL image of ``bits`` 16 ("I;16") or 8 ("L"): round(v * (2^bits - 1))."""
+    dtype = np.uint16 if bits == 16 else np.uint8
+    return Image.fromarray(np.round(np.clip(values, 0, 1) * np.iinfo(dtype).max).astype(dtype))
+
+
+def from_tensor(pixels: torch.Tensor, alpha: Image.Image | None, mode: str) -> Image.Image:
+    """Undo :func:`split_alpha` on a 2x result [3, H, W] in [0, 1]: the input's mode again (module docstring):
+    high-bit-depth greyscale -> 16-bit greyscale of the BT.601 luma, L -> L, RGBA / LA with their alpha enlarged by a
+    bicubic filter, else RGB. Non-finite values are refused (they would turn black)."""
+    if mode in HIGH_BIT:
+        check_finite(pixels, "upscaled image")
+        luma = torch.tensordot(torch.tensor(LUMA), pixels.detach().float().cpu(), dims=1)
+        return _grey(luma.numpy(), 16)
+    rgb = to_pil(pixels[None])[0]
+    if mode == "L":
         return rgb.convert("L")
     if alpha is None:
         return rgb
@@ -82,7 +109,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """RGB PIL image -> float32 [1, 3, H, W] in [0, 1]. High-bit-depth greyscale maps its own white to 1
     (65535 for 16-bit and 32-bit integer images, 1.0 for float ones; clipped), repeated on the three channels."""
     if image.mode in HIGH_BIT:
-        grey = np.clip(np.asarray(image, dtype=np.float32) / HIGH_BIT[image.mode], 0, 1)
+        grey = _unit(image)
         return torch.from_numpy(grey)[None, None].expand(1, 3, *grey.shape).contiguous()
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0).permute(2, 0, 1)[None].contiguous()
 
@@ -130,13 +157,24 @@ def image_format(path) -> str:
     return fmt
 
 
-def save_image(image: Image.Image, path, quality: int = 95, overwrite: bool = True) -> Path:
-    """Write an image atomically; the format follows the suffix (JPEG drops alpha). ``overwrite=False``: an
-    InputError instead of replacing a file that exists (also one another process wrote meanwhile)."""
-    path = Path(path)
-    fmt = image_format(path)
+def for_format(image: Image.Image, fmt: str) -> Image.Image:
+    """``image`` in a mode the PIL format ``fmt`` holds: high-bit-depth greyscale as 16-bit ("I;16") in PNG and
+    TIFF, as 8-bit ("L") elsewhere, mapped by its own white (never clipped, as PIL's own conversion would);
+    JPEG drops alpha."""
+    if image.mode in HIGH_BIT and not (image.mode == "I;16" and fmt in SIXTEEN_BIT_FORMATS):
+        image = _grey(_unit(image), 16 if fmt in SIXTEEN_BIT_FORMATS else 8)
     if fmt == "JPEG" and image.mode not in ("RGB", "L"):
         image = image.convert("RGB")
+    return image
+
+
+def save_image(image: Image.Image, path, quality: int = 95, overwrite: bool = True) -> Path:
+    """Write an image atomically in a mode its format holds (:func:`for_format`); the format follows the suffix.
+    ``overwrite=False``: an InputError instead of replacing a file that exists (also one another process wrote
+    meanwhile)."""
+    path = Path(path)
+    fmt = image_format(path)
+    image = for_format(image, fmt)
     return write_atomic(path, lambda tmp: image.save(tmp, format=fmt, quality=quality), overwrite=overwrite)
 
 

@@ -36,7 +36,7 @@ from latentup.diffusion.sampling import sample
 from latentup.diffusion.schedules import make_sigmas
 from latentup.diffusion.tiling import TiledDenoiser
 from latentup.errors import ConfigError, InputError
-from latentup.imageio import list_images, load_image, merge_alpha, pad_to_multiple, split_alpha, to_pil, to_tensor
+from latentup.imageio import from_tensor, list_images, load_image, pad_to_multiple, split_alpha, to_tensor
 from latentup.nn.unet import UNet
 from latentup.nn.winograd import Conv3x3
 from latentup.seeds import image_seed
@@ -268,7 +268,8 @@ class Upscaler:
     @torch.no_grad()
     def upscale_images(self, images: list[Image.Image | str | Path], seeds: list[int], progress=False,
                        **settings) -> list[Image.Image]:
-        """Images of one size (PIL or paths; RGB/RGBA/greyscale) -> their 2x upscales as PIL images, in one batch.
+        """Images of one size (PIL or paths; RGB/RGBA/greyscale) -> their 2x upscales as PIL images, in one batch,
+        each in its input's mode (``latentup.imageio``: 16-bit greyscale comes back 16-bit).
 
         Image i is encoded with its own generator, seeded ``seeds[i]``, and sampled with it; ``prompt`` and
         ``negative_prompt`` may be lists (one per image). Each output equals ``upscale_image(images[i],
@@ -291,7 +292,7 @@ class Upscaler:
             bar.update()
             decoded = self._decode(self._sample(latent.float(), generators, s, bar), bar)
         decoded = colour_fix(decoded, pixels.to(self.device), s.colour_fix)[..., : 2 * h, : 2 * w]
-        return [merge_alpha(rgb, alpha, mode) for rgb, (_, alpha, mode) in zip(to_pil(decoded), parts)]
+        return [from_tensor(image, alpha, mode) for image, (_, alpha, mode) in zip(decoded, parts)]
 
     def upscale_image(self, image: Image.Image | str | Path, progress=False, **settings) -> Image.Image:
         """One image (PIL or path; any size, RGB/RGBA/greyscale) -> its 2x upscale as a PIL image."""

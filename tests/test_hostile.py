@@ -45,6 +45,16 @@ def photo(path: Path, size=(40, 32)) -> Path:
     return path
 
 
+def rgb_png(path: Path, width: int, height: int, depth: int = 8, scanlines: bytes = b"") -> Path:
+    """A PNG of width x height RGB pixels, ``depth`` bits per sample, holding ``scanlines`` (none: a header only)."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, depth, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(scanlines)) + chunk(b"IEND", b""))
+    return path
+
+
 # 1. Data loss
 
 
@@ -117,12 +127,33 @@ def test_sixteen_bit_greyscale_is_mapped_by_its_own_white(tmp_path):
     assert pixels.min() == 0 and pixels.max() == 1 and abs(pixels.mean().item() - 0.5) < 1e-3
 
 
-def test_sixteen_bit_greyscale_upscales_to_the_same_brightness(infer_script, tmp_path):
+@pytest.mark.parametrize(("suffix", "mode", "white"), [(".png", "I;16", 65535), (".tif", "I;16", 65535),
+                                                   (".jpg", "L", 255), (".webp", "RGB", 255)])
+def test_sixteen_bit_greyscale_comes_back_at_its_depth_where_the_format_holds_it(infer_script, tmp_path, suffix,
+                                                                                  mode, white):
+    """16 bits in, 16 bits out (PNG, TIFF: more than 256 levels, no 8-bit step between); 8-bit where the format
+    holds no more (JPEG; WEBP stores RGB), never clipped (it was 96 % white)."""
     source = sixteen_bit_ramp(tmp_path / "ramp.png")
-    infer_script.run(infer_cfg(input=source, output=tmp_path / "out.png"))
-    out = np.asarray(Image.open(tmp_path / "out.png").convert("L"), dtype=np.float32) / 255
-    assert out.shape == (128, 128)
-    assert abs(out.mean() - 0.5) < 0.1 and (out > 0.98).mean() < 0.2  # was 96 % white (clipped, not rescaled)
+    infer_script.run(infer_cfg(input=source, output=tmp_path / f"out{suffix}"))
+    out = Image.open(tmp_path / f"out{suffix}")
+    values = np.asarray(out)
+    assert out.mode == mode and values.shape[:2] == (128, 128)
+    if white == 65535:
+        assert len(np.unique(values)) > 1000
+    grey = (values if values.ndim == 2 else values.mean(-1)) / white
+    ramp = np.interp(np.arange(128) / 2 - 0.25, np.arange(64), np.linspace(0, 1, 64))  # the input's, 2x (centres)
+    assert np.abs(grey - ramp).mean() < 0.01 and np.abs(grey.mean(0) - ramp).max() < 0.03
+
+
+def test_sixteen_bit_rgb_is_read_at_eight_bits_by_pillow(tmp_path):
+    """A 48-bit RGB PNG: Pillow has no 16-bit RGB mode and keeps each sample's high byte (the right brightness at
+    8-bit precision), so it is upscaled and written as 8-bit RGB (imageio's module docstring)."""
+    from latentup.imageio import load_image, split_alpha, to_tensor
+
+    samples = np.array([[0, 255, 256], [32896, 65280, 65535]], dtype=">u2")  # one row of two pixels
+    image = load_image(rgb_png(tmp_path / "rgb48.png", 2, 1, depth=16, scanlines=b"\x00" + samples.tobytes()))
+    assert image.mode == "RGB" and np.asarray(image).tolist() == [[[0, 0, 1], [128, 255, 255]]]
+    assert split_alpha(image)[0].mode == "RGB" and to_tensor(image).max() == 1
 
 
 def test_non_finite_weights_are_refused_at_load():
@@ -134,11 +165,15 @@ def test_non_finite_weights_are_refused_at_load():
 
 
 def test_non_finite_results_are_never_written():
-    """Images become PIL images only through to_pil (NaN would turn black); infer.py checks latents the same way."""
-    from latentup.imageio import check_finite, to_pil
+    """Images become PIL images only through from_tensor / to_pil (NaN would turn black), also at 16 bits; infer.py
+    checks latents the same way."""
+    from latentup.imageio import check_finite, from_tensor, to_pil
 
     with pytest.raises(LatentupError, match="upscaled image holds NaN or infinite values"):
         to_pil(torch.full((1, 3, 8, 8), float("nan")))
+    for mode in ("RGB", "I;16"):
+        with pytest.raises(LatentupError, match="upscaled image holds NaN or infinite values"):
+            from_tensor(torch.full((3, 8, 8), float("inf")), None, mode)
     with pytest.raises(LatentupError, match="upscaled latent holds NaN"):
         check_finite(torch.tensor([0.0, float("inf")]), "upscaled latent")
 
@@ -146,18 +181,8 @@ def test_non_finite_results_are_never_written():
 # 3. Resources without bounds
 
 
-def png_header(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header claims width x height RGB pixels."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
-
-    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
-    return path
-
-
 def test_the_pixel_cap_is_read_from_the_header(infer_script, tmp_path):
-    big = png_header(tmp_path / "big.png", 12000, 12000)
+    big = rgb_png(tmp_path / "big.png", 12000, 12000)
     with pytest.raises(InputError, match=r"big.png is 12000x12000 = 144000000 pixels, over max_pixels=4194304"):
         infer_script.run(infer_cfg(input=big))
     with pytest.raises(InputError, match="over max_pixels=100"):

@@ -119,6 +119,22 @@ def test_any_size_and_mode(upscaler, size, mode):
         assert np.array_equal(got[..., 3], np.asarray(alpha.resize(out.size, Image.BICUBIC)))
 
 
+@pytest.mark.parametrize(("mode", "white"), [("I;16", 65535), ("I", 65535), ("F", 1.0)])
+def test_high_bit_greyscale_comes_back_sixteen_bit(upscaler, mode, white):
+    """The same grey levels as 16-bit, 32-bit or float input: the 8-bit result again, to 8-bit rounding, now as
+    16-bit greyscale with more than 256 levels (the float result quantised to 65535 levels, no 8-bit step)."""
+    grey = photo((64, 64)).convert("L")
+    levels = np.asarray(grey, dtype=np.float64) / 255 * white
+    high = Image.fromarray(levels.round().astype(np.uint16) if mode == "I;16" else
+                           levels.round().astype(np.int32) if mode == "I" else levels.astype(np.float32))
+    assert high.mode == mode
+    out = upscaler.upscale_image(high, steps=2)
+    eight = np.asarray(upscaler.upscale_image(grey, steps=2), dtype=np.float64)
+    values = np.asarray(out)
+    assert out.mode == "I;16" and values.shape == (128, 128) and len(np.unique(values)) > 256
+    assert np.abs(values / 257 - eight).max() <= 1
+
+
 def test_folder_and_list_use_seed_plus_index(upscaler, tmp_path):
     for name in ("a.png", "b.png"):  # the same picture twice: only the seeds differ
         photo((64, 64)).save(tmp_path / name)
