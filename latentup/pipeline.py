@@ -63,15 +63,15 @@ def _sharing_weights(module: nn.Module) -> nn.Module:
 
 
 @contextmanager
-def _job(progress: bool, units: int, images: int):
+def _job(progress: bool, units: int, count: int, noun: str = "image"):
     """One bar over a job's units (encode, each sampling step, decode; ``bar.update`` per unit), and with
-    ``progress`` the time per image on stderr at the end."""
+    ``progress`` the time per image (or latent) on stderr at the end: the one timing line of infer.py too."""
     start = time.perf_counter()
     with tqdm(total=units, desc="upscale", unit="step", disable=not progress, leave=False) as bar:
         yield bar
     if progress:
         seconds = time.perf_counter() - start
-        print(f"upscaled {images} image{'s' * (images != 1)} in {seconds:.2f} s ({seconds / images:.2f} s per image)",
+        print(f"upscaled {count} {noun}{'s' * (count != 1)} in {seconds:.2f} s ({seconds / count:.2f} s per {noun})",
               file=sys.stderr)
 
 
@@ -251,7 +251,7 @@ class Upscaler:
     def upscale_latent(self, latent: torch.Tensor, progress=False, **settings) -> torch.Tensor:
         """SD-scaled latent [B, C, h, w] (any size; reflect-padded to the size rule) -> [B, C, 2h, 2w] float32."""
         s = self.settings(**settings)
-        with _job(progress, s.steps, len(latent)) as bar:
+        with _job(progress, s.steps, len(latent), "latent") as bar:
             return self._latent(latent, s, bar)
 
     @torch.no_grad()

@@ -4,6 +4,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -34,10 +35,11 @@ def infer_script():
 
 
 def infer_cfg(*overrides, **paths):
-    """The infer config with ``overrides`` and path values (quoted as the command line does)."""
+    """The infer config at one step without progress, with ``overrides`` and path values (quoted as the command line
+    does)."""
     with initialize_config_dir(str(REPO / "configs" / "infer"), version_base=None):
-        return compose("infer", [*overrides, *(f"{k}={quote(str(v))}" for k, v in paths.items()),
-                                 "progress=false", "steps=1"])
+        return compose("infer", ["progress=false", "steps=1", *overrides,
+                                 *(f"{k}={quote(str(v))}" for k, v in paths.items())])
 
 
 def photo(path: Path, size=(40, 32)) -> Path:
@@ -176,6 +178,28 @@ def test_non_finite_results_are_never_written():
             from_tensor(torch.full((3, 8, 8), float("inf")), None, mode)
     with pytest.raises(LatentupError, match="upscaled latent holds NaN"):
         check_finite(torch.tensor([0.0, float("inf")]), "upscaled latent")
+
+
+@pytest.mark.parametrize("kind", ["image", "folder", "latent"])
+@pytest.mark.parametrize("progress", [True, False])
+def test_one_timing_line_per_upscale(infer_script, tmp_path, capsys, kind, progress):
+    """stdout names what was written; the time per image is the pipeline's closing line on stderr, printed once per
+    upscale with progress=true (infer.py printed a second one) and never without (issue 20)."""
+    if kind == "latent":
+        source = tmp_path / "in.safetensors"
+        save_file({"latent": torch.randn(1, 4, 4, 5)}, source)
+    else:
+        source = photo(tmp_path / "in.png") if kind == "image" else tmp_path / "in"
+    if kind == "folder":
+        source.mkdir()
+        photo(source / "a.png"), photo(source / "b.png")
+    output = tmp_path / ("out" if kind == "folder" else f"out{source.suffix}")
+    infer_script.run(infer_cfg(f"progress={progress}", input=source, output=output))
+    out, err = capsys.readouterr()
+    upscales, noun = (2, "image") if kind == "folder" else (1, "latent" if kind == "latent" else "image")
+    timings = re.findall(r"upscaled 1 (\w+) in \d+\.\d+ s \(\d+\.\d+ s per \1\)", err)
+    assert timings == ([noun] * upscales if progress else []) and len(re.findall(r"\d s\b", err)) == 2 * len(timings)
+    assert out.count("wrote ") == (upscales + 1 if kind == "folder" else 1) and not re.search(r"\d s\b", out)
 
 
 # 3. Resources without bounds
