@@ -189,6 +189,19 @@ def test_progress_covers_the_job_and_times_it(upscaler, capsys):
     assert "upscaled 2 images in" in err and "s per image)" in err and "4/4" in err  # encode, 2 steps, decode
 
 
+def test_channels_last_null_is_nchw_everywhere_as_documented(upscaler):
+    """Speed's default keeps NCHW weights and activations on any device (no device branch), and the configs and the
+    docstring say so (they said "on for cuda" after the default changed)."""
+    from latentup.settings import Speed
+
+    assert Speed().channels_last is None and upscaler.channels_last is False
+    assert all(p.is_contiguous() for p in upscaler.unet.parameters())
+    assert "None: off, NCHW on every device" in " ".join(Speed.__doc__.split())
+    for config in ("infer/infer.yaml", "serve/serve.yaml"):
+        line = next(ln for ln in (REPO / "configs" / config).read_text().splitlines() if ln.startswith("channels_last"))
+        assert "null = off (NCHW" in line and "cuda, off" not in line
+
+
 def test_exif_orientation_is_honoured(pipeline_dir, tmp_path):
     from latentup.imageio import load_image
 
