@@ -16,7 +16,7 @@ import torch
 from latentup.errors import WeightsMismatchError
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.weights.files import read_state_dict
-from latentup.weights.strict import mismatch_report
+from latentup.weights.strict import expected_shapes, mismatch_report
 
 NOISE_EMBED_KEY = "low_res_noise_embed.weight"
 StateDict = dict[str, torch.Tensor]
@@ -144,8 +144,7 @@ def load_kdiffusion_checkpoint(path) -> tuple[UNetConfig, StateDict, torch.Tenso
     """
     unet_state, noise_weight = kdiffusion_to_latentup(_read_state_dict(Path(path)))
     config = config_from_state_dict(unet_state)
-    with torch.device("meta"):
-        expected = {k: v.shape for k, v in UNet(config).state_dict().items()}
+    expected = expected_shapes(lambda: UNet(config))
     report = mismatch_report(expected, unet_state)
     if report:
         raise WeightsMismatchError(f"k-diffusion checkpoint {path} does not fit its inferred U-Net config ({report}); "

@@ -15,7 +15,7 @@ from latentup.errors import LatentupError, WeightsMismatchError, WeightsNotFound
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.weights.files import find_in_folder, read_state_dict
 from latentup.weights.single_file import is_upscaler_file, load_upscaler
-from latentup.weights.strict import mismatch_report
+from latentup.weights.strict import expected_shapes, mismatch_report
 
 STRUCTURE = ("in_channels", "out_channels", "channels", "depths")  # what the tensors alone determine
 
@@ -53,8 +53,7 @@ def checked_config(make_config, state: dict, source) -> UNetConfig:
     if differs:
         raise WeightsMismatchError(f"{source}: the U-Net config does not match the tensors ({'; '.join(differs)}); {fix}")
     try:
-        with torch.device("meta"):
-            expected = {k: v.shape for k, v in UNet(config).state_dict().items()}
+        expected = expected_shapes(lambda: UNet(config))
     except (RuntimeError, ValueError, TypeError, ArithmeticError) as error:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise WeightsMismatchError(f"{source}: unusable U-Net config ({reason}); {fix}") from None
