@@ -42,7 +42,7 @@ from latentup.nn.winograd import Conv3x3
 from latentup.seeds import image_seed
 from latentup.settings import SETTING_NAMES, Settings, Speed, check_flag, resolve_dtype
 from latentup.weights.sources import resolve_weights
-from latentup.weights.strict import load_strict
+from latentup.weights.strict import build_strict
 
 
 def _per_sample(value, n: int, name: str) -> list:
@@ -149,7 +149,7 @@ class Upscaler:
         check_flag("download", download)
         knobs = Speed(**speed)
         parts = resolve_weights(weights)
-        unet = load_strict(UNet(parts.unet_config), parts.unet_state, "U-Net").to(device, dtype)
+        unet = build_strict(lambda: UNet(parts.unet_config), parts.unet_state, "U-Net", dtype).to(device, dtype)
         spec = autoencoder if autoencoder is not None else parts.autoencoder
         if spec is None:
             raise ConfigError(f"no autoencoder known for {weights}: pass autoencoder=taesd or a vae/ folder")
