@@ -18,8 +18,8 @@ from conftest import REPO, SHARED
 from pipeline_fixtures import make_diffusers_pipeline
 
 from latentup.errors import InputError
-from latentup.serve.tasks import (MAX_OUTPUT_SIDE, Sources, TaskError, load_input, parse_header, parse_upscale,
-                                  read_task_file, run_task_file)
+from latentup.serve.tasks import (MAX_OUTPUT_SIDE, Sources, TaskError, UpscaleTask, encode_output, load_input,
+                                  parse_header, parse_upscale, read_task_file, run_task_file)
 
 
 @pytest.fixture(scope="module")
@@ -231,3 +231,15 @@ def test_parse_checks_every_field_before_work():
     task = parse_upscale({"inputImage": "aGVsbG8"}, *header)  # unpadded base64 decodes, then is not an image
     with pytest.raises(TaskError, match="not a readable PNG"):
         load_input(task, Sources(lookup=lambda key: None))
+
+
+@pytest.mark.parametrize(("output_format", "mode"), [("JPG", "L"), ("WEBP", "RGB"), ("PNG", "I;16")])
+def test_sixteen_bit_outputs_are_scaled_not_clipped(output_format, mode):
+    """A 16-bit output keeps its depth where the format can (PNG) and is scaled by its own white elsewhere."""
+    ramp = Image.fromarray(np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (4, 1)))
+    task = UpscaleTask("upscale", str(uuid.uuid4()), image="", image_parameter="inputs.image", output_format=output_format)
+    data, _, _ = encode_output(ramp, task)
+    out = Image.open(io.BytesIO(data))
+    assert out.mode == mode
+    white = 65535 if mode == "I;16" else 255
+    assert abs(np.asarray(out, dtype=np.float64).mean() / white - 0.5) < 0.02

@@ -30,6 +30,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from latentup.atomic import write_atomic
 from latentup.errors import ConfigError, InputError, LatentupError
+from latentup.imageio import for_format
 from latentup.settings import MAX_SEED, MAX_STEPS
 
 UPSCALE_TYPES = ("upscale", "imageUpscale")  # current and legacy names; the response echoes the one received
@@ -304,10 +305,8 @@ def run_batch(upscaler, tasks: list[UpscaleTask], images: list[Image.Image], pro
 def encode_output(image: Image.Image, task: UpscaleTask) -> tuple[bytes, str, str]:
     """(file bytes, suffix, MIME type) in the task's outputFormat and outputQuality (JPEG drops alpha)."""
     fmt, suffix, mime = OUTPUT_FORMATS[task.output_format]
-    if fmt == "JPEG" and image.mode not in ("RGB", "L"):
-        image = image.convert("RGB")
     buffer = io.BytesIO()
-    image.save(buffer, format=fmt, quality=task.output_quality)
+    for_format(image, fmt).save(buffer, format=fmt, quality=task.output_quality)
     return buffer.getvalue(), suffix, mime
 
 
