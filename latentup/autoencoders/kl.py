@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from latentup.autoencoders.base import Autoencoder
 from latentup.errors import ConfigError, WeightsMismatchError, WeightsNotFoundError
 from latentup.weights.files import find_in_folder, read_state_dict
-from latentup.weights.strict import load_strict
+from latentup.weights.strict import build_strict
 
 EPS = 1e-6
 
@@ -228,7 +228,8 @@ class AutoencoderKL(Autoencoder):
         """Load a diffusers ``vae/`` folder (config.json + diffusion_pytorch_model.*), or a config dict/file.
 
         ``weights`` (a file or a state dict) overrides the folder's weights file; a bare config with no
-        ``weights`` gives a randomly initialised VAE.
+        ``weights`` gives a randomly initialised VAE. Weights are not copied: the VAE is built uninitialised and
+        holds the given tensors (those of a state dict too, converted only where the dtype differs).
         """
         source = folder_or_config
         if isinstance(source, dict):
@@ -241,11 +242,10 @@ class AutoencoderKL(Autoencoder):
             config = json.loads(config_file.read_text())
             if weights is None and source.is_dir():
                 weights = find_in_folder(source)
-        vae = cls.from_diffusers_config(config)
-        if weights is not None:
-            state = weights if isinstance(weights, dict) else read_state_dict(weights)
-            load_strict(vae, state, what="VAE")
-        return vae
+        if weights is None:
+            return cls.from_diffusers_config(config)
+        state = weights if isinstance(weights, dict) else read_state_dict(weights)
+        return build_strict(lambda: cls.from_diffusers_config(config), state, what="VAE")
 
     @classmethod
     def from_single_file(cls, path: str | Path, **config) -> "AutoencoderKL":
@@ -257,8 +257,8 @@ class AutoencoderKL(Autoencoder):
         state = read_state_dict(path)
         state = state.get("state_dict", state)  # Lightning/A1111 .ckpt wrapper
         state = ldm_to_diffusers(state) if any(".down.0." in k or ".mid.block_1." in k for k in state) else state
-        vae = cls(KLConfig(**{**shapes_from_state_dict(state), **config}))
-        return load_strict(vae, state, what="VAE")
+        config = KLConfig(**{**shapes_from_state_dict(state), **config})
+        return build_strict(lambda: cls(config), state, what="VAE")
 
 
 def shapes_from_state_dict(state: dict[str, Tensor]) -> dict:

@@ -26,12 +26,14 @@ class FourierFeatures(nn.Module):
 
     W is an ``nn.Parameter`` with ``requires_grad=False`` (like diffusers' ``time_proj.weight``): it is saved with
     the weights and must never be re-drawn. Input [...] → output [..., 2n]; a float32 input gives float32
-    features whatever the weight's dtype.
+    features whatever the weight's dtype. On the meta device (a key list) there is nothing to scale: skipping the
+    product there spares torch's import of its Python meta kernels (torch._dynamo, ~1.5 s).
     """
 
     def __init__(self, n: int, std: float = 1.0):
         super().__init__()
-        self.weight = nn.Parameter(torch.randn(n) * std, requires_grad=False)
+        weight = torch.randn(n)
+        self.weight = nn.Parameter(weight if weight.is_meta else weight * std, requires_grad=False)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         f = c[..., None] * self.weight * (2 * math.pi)
@@ -168,13 +170,19 @@ class KAttentionBlock(nn.Module):
 _KERNEL_1D = (1 / 8, 3 / 8, 3 / 8, 1 / 8)
 
 
+def blur_kernel(scale: float = 1.0) -> torch.Tensor:
+    """(s·k)⊗(s·k) [4, 4] float32, k = [1,3,3,1]/8: products of dyadic fractions, exact in float32 (= torch.outer),
+    made by a factory call only, so that a meta-device build runs no meta kernel (no torch._dynamo import)."""
+    k = [scale * v for v in _KERNEL_1D]
+    return torch.tensor([[a * b for b in k] for a in k])
+
+
 class KDownsample2D(nn.Module):
     """Depthwise stride-2 blur: reflect-pad 1, then conv with k⊗k, k = [1,3,3,1]/8; side n → ⌊n/2⌋."""
 
     def __init__(self):
         super().__init__()
-        k = torch.tensor(_KERNEL_1D)
-        self.register_buffer("kernel", torch.outer(k, k), persistent=False)
+        self.register_buffer("kernel", blur_kernel(), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.kernel.to(x.dtype).expand(x.shape[1], 1, 4, 4)
@@ -186,8 +194,7 @@ class KUpsample2D(nn.Module):
 
     def __init__(self):
         super().__init__()
-        k = 2 * torch.tensor(_KERNEL_1D)
-        self.register_buffer("kernel", torch.outer(k, k), persistent=False)
+        self.register_buffer("kernel", blur_kernel(2.0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.kernel.to(x.dtype).expand(x.shape[1], 1, 4, 4)

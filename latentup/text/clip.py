@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from latentup.errors import ConfigError, WeightsNotFoundError
 from latentup.text.tokenizer import CLIPTokenizer
 from latentup.weights.files import read_state_dict
-from latentup.weights.strict import load_strict
+from latentup.weights.strict import build_strict
 
 ACTIVATIONS = {
     "quick_gelu": QuickGELU,  # x * sigmoid(1.702 x), OpenAI CLIP
@@ -179,8 +179,7 @@ class CLIPTextConditioner(nn.Module):
         if weights is None:
             raise WeightsNotFoundError(f"no model.safetensors or pytorch_model.bin in {folder}: pass a HF text_encoder folder")
         config = TextTowerConfig.from_hf(json.loads((folder / "config.json").read_text()))
-        model = cls(config, _as_tokenizer(tokenizer, config))
-        return load_strict(model, hf_to_open_clip(read_state_dict(weights)), what="CLIP text encoder")
+        return cls._built(config, tokenizer, hf_to_open_clip(read_state_dict(weights)))
 
     @classmethod
     def from_open_clip(cls, path: str | Path, config: TextTowerConfig | str | None = None,
@@ -194,8 +193,13 @@ class CLIPTextConditioner(nn.Module):
             config = TextTowerConfig.from_open_clip_model(config)
         elif config is None:
             config = TextTowerConfig.from_open_clip_state(state)
-        model = cls(config, _as_tokenizer(tokenizer, config))
-        return load_strict(model, state, what="CLIP text encoder")
+        return cls._built(config, tokenizer, state)
+
+    @classmethod
+    def _built(cls, config: TextTowerConfig, tokenizer, state: Mapping[str, Tensor]) -> "CLIPTextConditioner":
+        """The tower with ``state`` as its weights, strictly checked; built without random initialisation."""
+        tokenizer = _as_tokenizer(tokenizer, config)
+        return build_strict(lambda: cls(config, tokenizer), state, what="CLIP text encoder")
 
     @classmethod
     def load(cls, weights: str | Path | None = None, config: TextTowerConfig | None = None,

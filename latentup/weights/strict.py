@@ -62,13 +62,17 @@ def load_strict(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what:
 
 
 class _ParametersLeftUninitialised(TorchFunctionMode):
-    """In-place writes to an ``nn.Parameter`` (the ``nn.init`` fills of ``reset_parameters``) do nothing."""
+    """In-place writes to an ``nn.Parameter`` (the ``nn.init`` fills of ``reset_parameters``) do nothing; in-place
+    calls that write no values (``requires_grad_(False)`` of a frozen module) still run."""
+
+    KEPT = frozenset({"requires_grad_", "share_memory_"})
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = getattr(func, "__name__", "")
         target = args[0] if args else kwargs.get("tensor")
-        if name.endswith("_") and not name.startswith("_") and isinstance(target, nn.Parameter):
+        if (name.endswith("_") and not name.startswith("_") and name not in self.KEPT
+                and isinstance(target, nn.Parameter)):
             return target
         return func(*args, **kwargs)
 
