@@ -26,14 +26,14 @@ class FourierFeatures(nn.Module):
 
     W is an ``nn.Parameter`` with ``requires_grad=False`` (like diffusers' ``time_proj.weight``): it is saved with
     the weights and must never be re-drawn. Input [...] → output [..., 2n]; a float32 input gives float32
-    features whatever the weight's dtype. On the meta device (a key list) there is nothing to scale: skipping the
-    product there spares torch's import of its Python meta kernels (torch._dynamo, ~1.5 s).
+    features whatever the weight's dtype. On the meta device (a key list) nothing is drawn: randn and the product
+    run there as Python reference kernels, whose first use imports torch._dynamo (~1.5 s).
     """
 
     def __init__(self, n: int, std: float = 1.0):
         super().__init__()
-        weight = torch.randn(n)
-        self.weight = nn.Parameter(weight if weight.is_meta else weight * std, requires_grad=False)
+        meta = torch.get_default_device().type == "meta"
+        self.weight = nn.Parameter(torch.empty(n) if meta else torch.randn(n) * std, requires_grad=False)
 
     def forward(self, c: torch.Tensor) -> torch.Tensor:
         f = c[..., None] * self.weight * (2 * math.pi)
