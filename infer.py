@@ -86,12 +86,16 @@ def _check_writable(path: Path, folder: bool = False, overwrite: bool = True) ->
                          "choose another output path") from None
 
 
-def _load(cfg: DictConfig):
+def _load(cfg: DictConfig, images: int = 1):
+    """The Upscaler for a job of ``images`` images (compile=auto compiles only for long jobs on CUDA)."""
+    from latentup.devices import resolve_device
     from latentup.pipeline import Upscaler, default_weights
+    from latentup.settings import resolve_compile
 
     weights = cfg.weights if cfg.weights is not None else default_weights()
+    speed = _speed(cfg) | {"compile": resolve_compile(cfg.compile, resolve_device(cfg.device), images)}
     return Upscaler.from_pretrained(weights, device=cfg.device, dtype=cfg.dtype, autoencoder=cfg.autoencoder,
-                                    text_encoder=cfg.text_encoder, download=cfg.download, **_speed(cfg))
+                                    text_encoder=cfg.text_encoder, download=cfg.download, **speed)
 
 
 def run(cfg: DictConfig) -> None:
@@ -106,7 +110,7 @@ def run(cfg: DictConfig) -> None:
         tasks = read_task_file(_path(cfg.task), cfg.max_tasks)
         output = _path(cfg.output or "outputs")
         _check_writable(output, folder=True)
-        failed = run_task_file(tasks, lambda: _load(cfg), output, allow_paths=bool(cfg.task_paths),
+        failed = run_task_file(tasks, lambda: _load(cfg, len(tasks)), output, allow_paths=bool(cfg.task_paths),
                                progress=cfg.progress)
         if failed:
             raise LatentupError(f"{failed} of {len(tasks)} tasks failed: see the errors lines on stdout")
@@ -140,7 +144,7 @@ def run(cfg: DictConfig) -> None:
             _check_not_input(output / file.name, file)
             _check_writable(output / file.name, overwrite=cfg.overwrite)
         with folder_lock(output):  # a second run into the same folder is refused: results never mix
-            upscaler = _load(cfg)
+            upscaler = _load(cfg, len(files))
             seed = settings.pop("seed")
             for i, file in enumerate(files):
                 image = upscaler.upscale_image(load_image(file, cfg.max_pixels), seed=image_seed(seed, i),

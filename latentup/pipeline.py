@@ -29,7 +29,8 @@ from latentup.autoencoders import Autoencoder, load_autoencoder
 from latentup.colour_fix import colour_fix
 from latentup.devices import resolve_device
 from latentup.diffusion.conditioning import denoiser_conditioning, pooled_width
-from latentup.diffusion.graphed import GraphedDenoiser, compile_cache
+from latentup.diffusion.compiled import compiled
+from latentup.diffusion.graphed import GraphedDenoiser
 from latentup.diffusion.guidance import uses_guidance
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.diffusion.sampling import sample
@@ -40,7 +41,7 @@ from latentup.imageio import from_tensor, list_images, load_image, pad_to_multip
 from latentup.nn.unet import UNet
 from latentup.nn.winograd import Conv3x3
 from latentup.seeds import image_seed
-from latentup.settings import SETTING_NAMES, Settings, Speed, check_flag, resolve_dtype
+from latentup.settings import SETTING_NAMES, Settings, Speed, check_flag, resolve_compile, resolve_dtype
 from latentup.weights.sources import resolve_weights
 from latentup.weights.strict import build_strict
 
@@ -111,11 +112,9 @@ class Upscaler:
             if isinstance(module, Conv3x3):
                 module.winograd = winograd
         self.channels_last = bool(self.speed.channels_last)  # None: NCHW, faster on an H200 and on CPUs (measured)
-        if self.speed.compile:
-            compile_cache()
-        network = torch.compile(self.unet, mode=self.speed.compile) if self.speed.compile else self.unet
-        self.denoiser = KarrasDenoiser(network)
-        if self.device.type == "cuda" and not self.speed.compile:  # one CUDA graph per sampling call
+        mode = resolve_compile(self.speed.compile, self.device)
+        self.denoiser = KarrasDenoiser(compiled(self.unet, mode) if mode else self.unet)
+        if self.device.type == "cuda" and not mode:  # one CUDA graph per sampling call
             self.denoiser = GraphedDenoiser(self.denoiser)
         if tile is not None:
             self.denoiser = TiledDenoiser(self.denoiser, tile, align=align)

@@ -1,6 +1,8 @@
 """The fast paths compute what the plain paths compute: precomputed conditioning, the fused AdaGroupNorm,
 channels_last, torch.compile, batched CFG with per-call preparation, and a step loop without host syncs."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -169,6 +171,39 @@ def test_upscaler_knobs_below_the_tile_sizes_keep_the_output(upscaler):
     assert (tiled - expected_image).abs().max() > 1e-2
 
 
+def test_compiled_upscaler_reuses_one_graph_across_sizes_and_reports_first_calls(upscaler, monkeypatch, capsys):
+    """compile=default on the CPU (aot_eager instead of inductor: no C++ build; no Winograd path, whose tile
+    choices specialise on the size, as on CUDA): the same latents as eager, one static graph for the first size,
+    one dynamic graph for every later size, each first call reported."""
+    import functools
+
+    from latentup.diffusion import compiled
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(compiled.torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    eager, fast = (upscaler.with_options(compile=mode, winograd=False) for mode in (None, "default"))
+    assert isinstance(fast.denoiser.unet, compiled.ReportedCompile)
+    settings = {"prompt": "a photo", "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7.5, "seed": 4}
+    graphs = compiled._graphs_compiled()
+    for side in (8, 12, 16, 12):
+        latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(side))
+        torch.testing.assert_close(fast.upscale_latent(latent, **settings), eager.upscale_latent(latent, **settings),
+                                   rtol=1e-4, atol=1e-4)
+    reports = [line for line in capsys.readouterr().err.splitlines() if line.startswith("torch.compile")]
+    assert [("compiled a new graph" in line, line.split(" at ")[1].split()[0]) for line in reports] == [
+        (True, "2×8×16×16"), (True, "2×8×24×24"), (False, "2×8×32×32")]  # sizes seen again are not reported
+    assert compiled._graphs_compiled() - graphs == 2
+
+
+@pytest.mark.parametrize("mode, device, images, expected", [
+    ("auto", "cuda", math.inf, "reduce-overhead"), ("auto", "cuda", 64, "reduce-overhead"), ("auto", "cuda", 63, None),
+    ("auto", "cpu", math.inf, None), (None, "cuda", math.inf, None), ("default", "cpu", 1, "default")])
+def test_compile_auto_compiles_only_long_cuda_jobs(mode, device, images, expected):
+    from latentup.settings import resolve_compile
+
+    assert resolve_compile(mode, device, images) == expected
+
+
 def test_upscaler_defaults_nchw_and_graphs_only_on_cuda(upscaler):
     from latentup.diffusion.graphed import GraphedDenoiser
 
@@ -194,7 +229,7 @@ def test_cuda_default_graphed_step_equals_eager(tmp_path):
 
 
 def test_compile_cache_outlives_the_process(monkeypatch, tmp_path):
-    from latentup.diffusion.graphed import compile_cache
+    from latentup.diffusion.compiled import compile_cache
 
     monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

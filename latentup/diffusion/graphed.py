@@ -17,16 +17,11 @@ otherwise, and for another shape of x, it records anew. Anything else (CPU, grad
 conditioning that is not the prepared one, a capture that fails) runs D eagerly, with the same results. The
 per-call state is per thread, so concurrent sampling calls (one per thread, as a server makes them) each record and
 replay a graph of their own.
-
-``compile_cache()`` is the same idea for ``torch.compile``: a kernel cache that outlives the process, so that only
-the first process ever compiles the U-Net for a size and dtype.
 """
 
 import dataclasses
-import os
 import threading
 import warnings
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -126,12 +121,3 @@ def _tensors(tree) -> list[Tensor]:
         return []
     return [tensor for value in tree for tensor in _tensors(value)]
 
-
-def compile_cache() -> Path:
-    """Inductor's cache folder (its FX-graph, autotuning and kernel caches) made persistent: $TORCHINDUCTOR_CACHE_DIR
-    when set, else $XDG_CACHE_HOME/latentup/inductor (~/.cache/latentup/inductor) instead of torch's default under
-    /tmp. Later processes that compile the same U-Net for the same size and dtype then load the kernels."""
-    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or Path(cache) / "latentup" / "inductor")
-    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    return folder
