@@ -280,18 +280,27 @@ class Upscaler:
         if len({im.size for im in images}) > 1:
             sizes = sorted({f"{im.width}x{im.height}" for im in images})
             raise InputError(f"upscale_images needs images of one size, got {', '.join(sizes)}: batch them by size")
-        s = self.settings(seed=_per_sample(list(seeds), len(images), "seeds"), **settings)
+        seeds = _per_sample(list(seeds), len(images), "seeds")
         parts = [split_alpha(im) for im in images]
+        pixels = torch.cat([to_tensor(rgb) for rgb, _, _ in parts])
+        decoded = self.upscale_pixels(pixels, progress, seed=seeds, **settings)
+        return [from_tensor(image, alpha, mode) for image, (_, alpha, mode) in zip(decoded, parts)]
+
+    @torch.no_grad()
+    def upscale_pixels(self, pixels: torch.Tensor, progress=False, **settings) -> torch.Tensor:
+        """RGB pictures [B, 3, h, w] in [0, 1] (any size; reflect-padded to the size rule) -> their 2x upscales
+        [B, 3, 2h, 2w] in [0, 1], float32: the picture path of ``upscale_images`` (sample i encoded and sampled
+        with its own generator; with ``colour_fix`` > 0 the low band comes from the pictures themselves)."""
+        s = self.settings(**settings)
         factor = 4 * self.autoencoder.downscale
-        pixels, (h, w) = pad_to_multiple(torch.cat([to_tensor(rgb) for rgb, _, _ in parts]), factor, 2 * factor)
-        generators = self._generators(s.seed)
-        with _job(progress, s.steps + 2, len(images)) as bar:
+        padded, (h, w) = pad_to_multiple(pixels, factor, 2 * factor)
+        generators = self._generators(self._seeds(s.seed, len(pixels)))
+        with _job(progress, s.steps + 2, len(pixels)) as bar:
             bar.set_description_str("encode")
-            latent = self.autoencoder.encode(self._layout(pixels.to(self.device, self.dtype)), generator=generators)
+            latent = self.autoencoder.encode(self._layout(padded.to(self.device, self.dtype)), generator=generators)
             bar.update()
             decoded = self._decode(self._sample(latent.float(), generators, s, bar), bar)
-        decoded = colour_fix(decoded, pixels.to(self.device), s.colour_fix)[..., : 2 * h, : 2 * w]
-        return [from_tensor(image, alpha, mode) for image, (_, alpha, mode) in zip(decoded, parts)]
+        return colour_fix(decoded, padded.to(self.device), s.colour_fix)[..., : 2 * h, : 2 * w].float()
 
     def upscale_image(self, image: Image.Image | str | Path, progress=False, **settings) -> Image.Image:
         """One image (PIL or path; any size, RGB/RGBA/greyscale) -> its 2x upscale as a PIL image."""

@@ -169,6 +169,34 @@ def test_model_row_from_a_checkpoint(tmp_path, tiny_root, taesd, metrics):
         assert torch.allclose(fixed(z, seed=[0]), colour_fix(pred, taesd.decode(z), 1.0), atol=1e-6)
 
 
+def test_picture_row_is_the_path_infer_runs(tmp_path, tiny_root, taesd, metrics):
+    """``<name> picture``: the LR picture through upscale_pixels, which is upscale_images (infer.py) before its
+    8-bit rounding; its colour fix takes the low band from the picture itself."""
+    from torchvision.transforms.functional import to_pil_image, to_tensor
+
+    from latentup.nn.unet import UNet, UNetConfig
+    from latentup.pipeline import Upscaler
+    from latentup.weights.single_file import save_upscaler
+
+    config = UNetConfig(channels=(32, 32, 64, 64), depths=(1,) * 4, cross_attention_dim=None, mapping_dim=64,
+                        mapping_cond_dim=128, head_dim=32)
+    torch.manual_seed(0)
+    path = save_upscaler(tmp_path / "tiny-model.safetensors", UNet(config).state_dict(), dataclasses.asdict(config))
+    settings = {"steps": 2, "sampler": "euler", "colour_fix": 1.0}
+    models = load_models([path], taesd, pictures=True, **settings)
+    assert list(models) == ["tiny-model", "tiny-model picture"]
+    summary = evaluate(taesd, {"tiny": tiny_root / "tiny"}, tmp_path / "out", metrics, models, limit=1, grids=0,
+                       progress=False)
+    hr, lr = load_pair(tiny_root / "tiny" / "a.png")
+    upscaler = Upscaler.from_pretrained(path, autoencoder=taesd)
+    picture = upscaler.upscale_pixels(lr[None], seed=[0], **settings)
+    row = summary["tiny"]["rows"]["tiny-model picture"]
+    assert row["psnr_y"] == pytest.approx(metrics(picture, hr[None])["psnr_y"].item())
+    assert row["psnr_y"] != pytest.approx(summary["tiny"]["rows"]["tiny-model"]["psnr_y"])  # not the latent row
+    infer = to_tensor(upscaler.upscale_images([to_pil_image(lr)], [0], **settings)[0])
+    assert (infer - picture[0]).abs().max() <= 0.5 / 255 + 1e-6
+
+
 def _cli(*args, env=None):
     env = {**os.environ, "LATENTUP_WEIGHTS": str(SHARED / "weights"), **(env or {})}
     return subprocess.run([sys.executable, "evaluate.py", *args], cwd=REPO, env=env, capture_output=True, text=True)

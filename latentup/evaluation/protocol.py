@@ -6,6 +6,8 @@ compared.
     LR  = PIL bicubic resize of HR to half size (antialiased, a = -0.5), uint8
     z   = encode(LR)                                       (posterior mean for a KL VAE)
     rows: model_k     upscale_k(z), the model's decoded image (pipeline: decode, then its colour fix)
+          model_k picture  upscale_k(LR): the picture path a user runs (infer.py on the LR picture: encode,
+                           sample, decode, colour fix against the picture itself)
           ceiling     decode(encode(HR))
           latent-nearest / latent-bicubic       decode(up2(z))
           pixel-bicubic-of-decoded-LR           clamp(bicubic2(decode(z)))
@@ -16,6 +18,7 @@ not quantised.
 """
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -51,18 +54,30 @@ def bicubic2x(x: Tensor) -> Tensor:
     return F.interpolate(x, scale_factor=2, mode="bicubic", align_corners=False, antialias=False)
 
 
+@dataclass(frozen=True)
+class PictureRow:
+    """A model row fed the LR picture instead of its latent: ``upscale(lr_pixels) -> image``, e.g.
+    ``Upscaler.upscale_pixels`` (infer.py's path for a picture)."""
+
+    upscale: Callable[..., Tensor]
+
+    def __call__(self, pixels: Tensor, **kwargs) -> Tensor:
+        return self.upscale(pixels, **kwargs)
+
+
 @torch.no_grad()
 def reconstruct(autoencoder: Autoencoder, hr: Tensor, lr: Tensor,
-                models: Mapping[str, Callable[[Tensor], Tensor]] | None = None) -> dict[str, Tensor]:
+                models: Mapping[str, Callable[..., Tensor]] | None = None, **call) -> dict[str, Tensor]:
     """Every row's ×2 output for a batch: ``{row: [B, 3, H, W] float32 in [0, 1]}``, model rows first.
 
-    ``models`` maps a row name to ``upscale(lr_latent) -> image`` (an SD-scaled latent in, [B, 3, H, W] in [0, 1]
-    out), e.g. ``Upscaler.upscale_latent_to_image``.
+    ``models`` maps a row name to ``upscale(lr_latent, **call) -> image`` (an SD-scaled latent in, [B, 3, H, W] in
+    [0, 1] out), e.g. ``Upscaler.upscale_latent_to_image``, or to a :class:`PictureRow` (the LR picture in).
     """
     param = next(autoencoder.parameters())
     hr, lr = hr.to(param.device, param.dtype), lr.to(param.device, param.dtype)
     z = autoencoder.encode(lr, sample=False)
-    rows = {name: up(z).to(z.device, z.dtype) for name, up in (models or {}).items()}
+    rows = {name: up(lr if isinstance(up, PictureRow) else z, **call).to(z.device, z.dtype)
+            for name, up in (models or {}).items()}
     rows["ceiling"] = autoencoder.decode(autoencoder.encode(hr, sample=False))
     rows["latent-nearest"] = autoencoder.decode(nearest2x(z))
     rows["latent-bicubic"] = autoencoder.decode(bicubic2x(z))

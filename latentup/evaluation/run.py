@@ -28,13 +28,15 @@ from latentup.errors import ConfigError, InputError, WeightsNotFoundError
 from latentup.evaluation.grids import save_grid
 from latentup.evaluation.inception import FIDInceptionV3, load_fid_inception, set_distances
 from latentup.evaluation.metrics import ImageMetrics
-from latentup.evaluation.protocol import BASELINES, check_align, hr_size, list_set_images, load_pair, reconstruct
+from latentup.evaluation.protocol import (BASELINES, PictureRow, check_align, hr_size, list_set_images, load_pair,
+                                          reconstruct)
 from latentup.evaluation.report import (add_features, append_records, read_features, read_records, summarize,
                                         write_summary)
 from latentup.seeds import image_seed
 from latentup.settings import check_int
 
-# A model row: ``upscale(lr_latent, seed=[seed per sample]) -> image`` (SD-scaled latent in, [0, 1] image out).
+# A model row: ``upscale(lr_latent, seed=[seed per sample]) -> image`` (SD-scaled latent in, [0, 1] image out), or
+# a PictureRow (the LR picture in).
 ModelRow = Callable[..., torch.Tensor]
 CSV_NAME, SETTINGS_NAME = "per_image.csv", "settings.json"
 
@@ -165,9 +167,8 @@ def evaluate(
             pairs = [load_pair(paths[i], align) for i in batch]
             hr, lr = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             seeds = [image_seed(seed, i) for i in batch]
-            run = {row: partial(up, seed=seeds) for row, up in models.items()
-                   if any((i, row) in missing for i in batch)}
-            outputs = reconstruct(autoencoder, hr, lr, run)
+            run = {row: up for row, up in models.items() if any((i, row) in missing for i in batch)}
+            outputs = reconstruct(autoencoder, hr, lr, run, seed=seeds)
             hr = hr.to(device)
             records = []
             for row, output in outputs.items():
@@ -201,10 +202,12 @@ def evaluate(
 
 
 def load_models(checkpoints: Sequence[str | Path], autoencoder: Autoencoder, *, device="cpu", dtype="float32",
-                **settings) -> dict[str, ModelRow]:
+                pictures: bool = False, **settings) -> dict[str, ModelRow]:
     """One model row per checkpoint (row name: the file stem or folder name), sampling with ``settings``
-    (steps, sampler, cfg_scale, prompt, colour_fix; None = the weights' recommendation). Each Upscaler gets its own
-    copy of ``autoencoder`` to decode its rows in the model's dtype; the baselines' copy stays float32."""
+    (steps, sampler, cfg_scale, prompt, colour_fix; None = the weights' recommendation), and with ``pictures`` its
+    picture-path row ("<name> picture": the LR picture through ``upscale_pixels``, as infer.py runs it). Each
+    Upscaler gets its own copy of ``autoencoder`` to decode its rows in the model's dtype; the baselines' copy stays
+    float32."""
     from latentup.pipeline import Upscaler
 
     models: dict[str, ModelRow] = {}
@@ -216,6 +219,8 @@ def load_models(checkpoints: Sequence[str | Path], autoencoder: Autoencoder, *, 
             name, k = f"{base}-{k}", k + 1
         upscaler = Upscaler.from_pretrained(path, device=device, dtype=dtype, autoencoder=copy.deepcopy(autoencoder))
         models[name] = partial(upscaler.upscale_latent_to_image, **settings)
+        if pictures:
+            models[f"{name} picture"] = PictureRow(partial(upscaler.upscale_pixels, **settings))
     return models
 
 
@@ -260,7 +265,8 @@ def from_config(cfg) -> dict:
     spec = _autoencoder_spec(cfg.autoencoder)
     autoencoder = load_autoencoder(**_autoencoder_arguments(cfg.autoencoder))
     autoencoder = autoencoder.to(device, torch.float32).eval()
-    models = load_models(checkpoints, autoencoder, device=device, dtype=cfg.dtype, **sampling)
+    models = load_models(checkpoints, autoencoder, device=device, dtype=cfg.dtype, pictures=cfg.picture_rows,
+                         **sampling)
     settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "fid": str(cfg.fid) if cfg.fid else None,
                 "dtype": str(cfg.dtype), **sampling,
                 "checkpoints": {name: str(p) for name, p in zip(models, checkpoints)}}
