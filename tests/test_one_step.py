@@ -54,8 +54,8 @@ def test_curriculum_weights():
 
 
 def test_loss_scores_the_decoded_window_against_the_pixels():
-    """In the pixel phase the loss is a·|ẑ − z_hr|₁ + b·(pixel_l1·|dec(ẑ[W]) − HR[W]|₁ + lpips·d); a decoder that
-    maps a latent pixel to an 8×8 block shows the window and the reference line up."""
+    """In the pixel phase the loss is a·|ẑ − z_hr|₁ + b·(pixel_l1·|dec(ẑ[W]) − HR[W]|₁ + pixel_mse·|…|₂² + lpips·d);
+    a decoder that maps a latent pixel to an 8×8 block shows the window and the reference line up."""
     torch.manual_seed(0)
     denoiser = KarrasDenoiser(UNet(UNetConfig(**TINY)))
     batch = {"hr": torch.randn(2, 4, 8, 8), "lr": torch.randn(2, 4, 4, 4),
@@ -67,7 +67,7 @@ def test_loss_scores_the_decoded_window_against_the_pixels():
     def distance(a, b):
         return (a - b).pow(2).flatten(1).mean(1)
 
-    curriculum = Curriculum(latent_final=0.5, pixel_l1=2.0, lpips=3.0, window=4)
+    curriculum = Curriculum(latent_final=0.5, pixel_l1=2.0, pixel_mse=4.0, lpips=3.0, window=4)
     loss, terms = one_step_loss(denoiser, batch, 0, curriculum, decode, distance, torch.Generator().manual_seed(1))
     generator = torch.Generator().manual_seed(1)
     noise = torch.randn(batch["hr"].shape, generator=generator)
@@ -78,7 +78,7 @@ def test_loss_scores_the_decoded_window_against_the_pixels():
     expected = (0.5 * (out - batch["hr"]).abs().mean() + 2.0 * (image - reference).abs().mean()
                 + 3.0 * distance(image, reference).mean())
     torch.testing.assert_close(loss, expected)
-    assert set(terms) == {"latent_l1", "pixel_l1", "lpips"}
+    assert set(terms) == {"latent_l1", "pixel_l1", "pixel_mse", "lpips"}
 
 
 def random_batches(step):

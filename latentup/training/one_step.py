@@ -13,7 +13,8 @@ its first 4 channels and learns to cancel the c_skip·σ·n ≈ 0.068·n it adds
 Per sample (z_lr, z_hr, HR pixels), with ẑ = D(σ_max·n; σ_max | z_lr) and a window W of ``window``² latent px
 (one random place per batch; the whole crop when ``window`` is 0):
 
-    L = a(t)·|ẑ − z_hr|₁ + b(t)·(pixel_l1·|dec(ẑ[W]) − HR[W]|₁ + lpips·LPIPS-alex(dec(ẑ[W]), HR[W]))
+    L = a(t)·|ẑ − z_hr|₁ + b(t)·(pixel_l1·|dec(ẑ[W]) − HR[W]|₁ + pixel_mse·|dec(ẑ[W]) − HR[W]|₂²
+                                + lpips·LPIPS-alex(dec(ẑ[W]), HR[W]))
 
 a curriculum over the step t (as LUA, arXiv 2511.10629): b ramps 0 → 1 linearly over [latent_only,
 latent_only + ramp), a from latent_l1 to latent_final alongside (decoding is skipped while b = 0). Images in [0, 1].
@@ -62,6 +63,7 @@ class Curriculum:
     latent_l1: float = 1.0
     latent_final: float = 0.1
     pixel_l1: float = 1.0
+    pixel_mse: float = 0.0  # the PSNR term (mean squared error of [0, 1] pixels)
     lpips: float = 1.0
     latent_only: int = 0   # steps of latent L1 alone
     ramp: int = 0          # steps over which the decoded-image terms come in
@@ -104,7 +106,8 @@ def one_step_loss(denoiser, batch: dict, step: int, curriculum: Curriculum, deco
         latent = out[..., top:top + h, left:left + w].contiguous(memory_format=torch.channels_last)
         image = decode(latent).float()
         terms["pixel_l1"] = (image - reference).abs().mean()
-        loss = loss + b * curriculum.pixel_l1 * terms["pixel_l1"]
+        terms["pixel_mse"] = (image - reference).square().mean()
+        loss = loss + b * (curriculum.pixel_l1 * terms["pixel_l1"] + curriculum.pixel_mse * terms["pixel_mse"])
         if curriculum.lpips and lpips is not None:
             terms["lpips"] = lpips(image, reference).mean()
             loss = loss + b * curriculum.lpips * terms["lpips"]
