@@ -76,7 +76,7 @@ def test_loss_scores_the_decoded_window_against_the_pixels():
     image = decode(out[..., top:top + 4, left:left + 4])
     reference = batch["hr_pixels"][..., 8 * top:8 * top + 32, 8 * left:8 * left + 32].float() / 255
     expected = (0.5 * (out - batch["hr"]).abs().mean() + 2.0 * (image - reference).abs().mean()
-                + 3.0 * distance(image, reference).mean())
+                + 4.0 * (image - reference).square().mean() + 3.0 * distance(image, reference).mean())
     torch.testing.assert_close(loss, expected)
     assert set(terms) == {"latent_l1", "pixel_l1", "pixel_mse", "lpips"}
 
