@@ -39,7 +39,7 @@ def _default_output(source: Path, suffix: str | None = None) -> Path:
 
 def _settings(cfg: DictConfig) -> dict:
     keys = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "clip_skip",
-            "noise_level", "colour_fix")
+            "noise_level", "colour_fix", "back_projection")
     return {k: cfg[k] for k in keys}
 
 
@@ -123,8 +123,9 @@ def run(cfg: DictConfig) -> None:
     if source.suffix == ".safetensors" and not source.is_dir():
         latent = load_latent(source)
         output = _path(cfg.output) if cfg.output else _default_output(source)
-        if settings["colour_fix"]:
-            raise ConfigError("colour_fix acts on images, but a latent input gives a latent output: drop colour_fix")
+        for name in ("colour_fix", "back_projection"):
+            if settings[name]:
+                raise ConfigError(f"{name} acts on images, but a latent input gives a latent output: drop {name}")
         if output.suffix != ".safetensors":
             raise ConfigError(f"a latent input needs a .safetensors output, got {output}")
         _check_not_input(output, source)

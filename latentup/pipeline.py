@@ -2,6 +2,7 @@
 
     image --encode--> low-res latent z (SD-scaled) --(text, seed)--> x ~ N(0, sigma_max^2)
           --sampler(D, sigmas)--> 2x latent --decode--> image
+          --> back-projection (picture inputs, ``back_projection`` > 0: the output made to downscale to the picture)
           --> colour fix (image outputs, ``colour_fix`` > 0: the low band of the input's pixels, ``latentup.colour_fix``)
 
 With the released weights, ``sampler="euler"``, ``schedule="log_linear"`` and the same seed, prompt and guidance,
@@ -26,7 +27,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from latentup.autoencoders import Autoencoder, load_autoencoder
-from latentup.colour_fix import colour_fix
+from latentup.colour_fix import back_project, colour_fix
 from latentup.devices import resolve_device
 from latentup.diffusion.conditioning import denoiser_conditioning, pooled_width
 from latentup.diffusion.compiled import compiled
@@ -256,7 +257,8 @@ class Upscaler:
     @torch.no_grad()
     def upscale_latent_to_image(self, latent: torch.Tensor, progress=False, **settings) -> torch.Tensor:
         """SD-scaled latent [B, C, h, w] -> the decoded 2x image [B, 3, 16h, 16w] in [0, 1], float32. With
-        ``colour_fix`` > 0 its low band comes from decode(latent), the only pixels a latent input has."""
+        ``colour_fix`` > 0 its low band comes from decode(latent), the only pixels a latent input has
+        (``back_projection`` needs a picture: it is not applied here)."""
         s = self.settings(**settings)
         with _job(progress, s.steps + 1 + bool(s.colour_fix), len(latent)) as bar:
             image = self._decode(self._latent(latent, s, bar), bar)
@@ -290,7 +292,8 @@ class Upscaler:
     def upscale_pixels(self, pixels: torch.Tensor, progress=False, **settings) -> torch.Tensor:
         """RGB pictures [B, 3, h, w] in [0, 1] (any size; reflect-padded to the size rule) -> their 2x upscales
         [B, 3, 2h, 2w] in [0, 1], float32: the picture path of ``upscale_images`` (sample i encoded and sampled
-        with its own generator; with ``colour_fix`` > 0 the low band comes from the pictures themselves)."""
+        with its own generator; with ``colour_fix`` > 0 the low band comes from the pictures themselves, and with
+        ``back_projection`` > 0 the result is made to downscale to them, ``latentup.colour_fix``)."""
         s = self.settings(**settings)
         factor = 4 * self.autoencoder.downscale
         padded, (h, w) = pad_to_multiple(pixels, factor, 2 * factor)
@@ -300,6 +303,7 @@ class Upscaler:
             latent = self.autoencoder.encode(self._layout(padded.to(self.device, self.dtype)), generator=generators)
             bar.update()
             decoded = self._decode(self._sample(latent.float(), generators, s, bar), bar)
+        decoded = back_project(decoded, padded.to(self.device), s.back_projection)
         return colour_fix(decoded, padded.to(self.device), s.colour_fix)[..., : 2 * h, : 2 * w].float()
 
     def upscale_image(self, image: Image.Image | str | Path, progress=False, **settings) -> Image.Image:

@@ -69,6 +69,7 @@ class Settings:
     clip_skip: int = 1  # [clipSkip]; 1 (or 0) = last layer, at most the text tower's depth
     noise_level: float = 0.0  # low-res noise augmentation sigma_lr (needs k-diffusion/latentup weights)
     colour_fix: float = 0.0  # image outputs: low band (Gaussian sigma, output px) from the input; 0 = off
+    back_projection: int = 0  # picture inputs: iterations making the output downscale to the input; 0 = off
 
     def validate(self):
         """One-line ConfigErrors for values of the wrong type or out of range; returns self."""
@@ -82,6 +83,7 @@ class Settings:
         for seed in as_list(self.seed):
             check_int("seed", seed, 0, MAX_SEED, "e.g. seed=0")
         check_int("clip_skip", self.clip_skip, 0, None, "0 or 1 = last CLIP layer, 2 = penultimate")
+        check_int("back_projection", self.back_projection, 0, 100, "iterations, 0 = off, e.g. back_projection=10")
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if not all(isinstance(text, str) for text in as_list(value)):

@@ -1,7 +1,9 @@
-"""The colour fix: analytic cases of the low-band swap, the blur against torchvision, and its use by the pipeline."""
+"""The colour fix and back-projection: analytic cases of the low-band swap and of consistency with the picture, the
+blur against torchvision, the downscale against PIL, and their use by the pipeline."""
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -9,12 +11,12 @@ from PIL import Image
 from torchvision.transforms.functional import gaussian_blur as tv_gaussian_blur
 
 from latentup.autoencoders import load_autoencoder
-from latentup.colour_fix import colour_fix, gaussian_blur
+from latentup.colour_fix import back_project, colour_fix, downscale_x2, gaussian_blur
 from latentup.errors import ConfigError
 from latentup.imageio import to_tensor
 from latentup.nn.unet import UNet, UNetConfig
 from latentup.pipeline import Upscaler
-from latentup.settings import parse_setting
+from latentup.settings import Settings, parse_setting
 from latentup.weights.single_file import save_upscaler
 
 
@@ -46,6 +48,36 @@ def test_low_band_comes_from_the_reference_high_band_stays():
     ramp = torch.linspace(0.2, 0.8, 32).expand(1, 3, 32, 32)  # a Gaussian keeps a ramp: the output is the reference
     fixed = colour_fix(torch.full_like(ramp, 0.5), ramp, sigma=2.0)
     assert torch.allclose(fixed[..., 6:-6], ramp[..., 6:-6], atol=1e-6)
+
+
+def test_downscale_is_pils_bicubic_reduce():
+    """D is the operator that made the protocol's low-res pictures (PIL bicubic x1/2), up to PIL's 8-bit rounding
+    between its two passes (a few grey levels at sharp edges, 0.2 on average)."""
+    image = Image.open(sorted((Path(__file__).parent.parent / "latentup" / "assets").glob("*.png"))[0]).convert("RGB")
+    image = image.crop((0, 0, 256, 192))
+    ours = downscale_x2(to_tensor(image))
+    pil = to_tensor(image.resize((128, 96), Image.BICUBIC))
+    assert (ours - pil).abs().max() <= 8 / 255 and (ours - pil).abs().mean() < 0.3 / 255
+
+
+def test_back_projection_makes_the_output_downscale_to_the_picture():
+    g = torch.Generator().manual_seed(0)
+    sharp = gaussian_blur(torch.rand(1, 3, 64, 64, generator=g), 0.8)  # a picture's 2x, within [0, 1]
+    picture = downscale_x2(sharp)
+    assert torch.equal(back_project(sharp, picture, 10), sharp)  # consistent already: a fixed point
+    assert torch.equal(back_project(sharp * 0.5, picture, 0), sharp * 0.5)
+    drift = gaussian_blur(torch.rand(1, 3, 64, 64, generator=g), 2.0) - 0.5  # an error in the band the picture has
+    guess = (sharp + drift).clamp(0, 1)
+    errors = [(downscale_x2(back_project(guess, picture, k)) - picture).abs().max().item() for k in (0, 1, 10)]
+    assert errors[0] > 0.05 and errors[1] < errors[0] / 3 and errors[2] < 2e-3, errors
+    fixed = back_project(guess, picture, 10)
+    assert (fixed - sharp).square().mean() < (guess - sharp).square().mean() / 10  # the truth again, nearly
+    noisy = (sharp + 0.2 * torch.rand(1, 3, 64, 64, generator=g) - 0.1).clamp(0, 1)  # white noise: mostly above
+    assert (downscale_x2(back_project(noisy, picture, 10)) - picture).abs().max() < 2e-3  # the picture's band
+    with pytest.raises(ConfigError, match="back_projection must be"):
+        Settings(back_projection=-1).validate()
+    with pytest.raises(ConfigError, match="back_projection must be"):
+        Settings(back_projection=2.5).validate()
 
 
 def test_bad_sigma_is_one_clear_error():
@@ -86,6 +118,20 @@ def test_pipeline_applies_the_fix_to_image_outputs(upscaler):
     off = to_tensor(upscaler.upscale_image(image, seed=0, colour_fix=0))
     target = to_tensor(image).mean((-2, -1))
     assert (out.mean((-2, -1)) - target).abs().max() < 2 / 255 < (off.mean((-2, -1)) - target).abs().max()
+
+
+def test_pipeline_back_projects_picture_inputs_only(upscaler):
+    """upscale_pixels with back_projection: the recommended colour fix's output made to downscale to the picture;
+    a latent input has no picture, so its image output is the same with or without."""
+    g = torch.Generator().manual_seed(5)
+    picture = gaussian_blur(torch.rand(1, 3, 64, 64, generator=g), 1.0)
+    plain = upscaler.upscale_pixels(picture, seed=[2], colour_fix=0)
+    projected = upscaler.upscale_pixels(picture, seed=[2], colour_fix=0, back_projection=10)
+    assert torch.allclose(projected, back_project(plain, picture, 10), atol=1e-6)
+    assert (downscale_x2(projected) - picture).abs().max() < 5e-3 < (downscale_x2(plain) - picture).abs().max()
+    latent = torch.randn(1, 4, 8, 8, generator=g)
+    assert torch.equal(upscaler.upscale_latent_to_image(latent, seed=3, back_projection=10),
+                       upscaler.upscale_latent_to_image(latent, seed=3))
 
 
 def test_colour_fix_cap_benchmark_rows(tmp_path, shared_dir):

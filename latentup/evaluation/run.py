@@ -204,10 +204,10 @@ def evaluate(
 def load_models(checkpoints: Sequence[str | Path], autoencoder: Autoencoder, *, device="cpu", dtype="float32",
                 pictures: bool = False, **settings) -> dict[str, ModelRow]:
     """One model row per checkpoint (row name: the file stem or folder name), sampling with ``settings``
-    (steps, sampler, cfg_scale, prompt, colour_fix; None = the weights' recommendation), and with ``pictures`` its
-    picture-path row ("<name> picture": the LR picture through ``upscale_pixels``, as infer.py runs it). Each
-    Upscaler gets its own copy of ``autoencoder`` to decode its rows in the model's dtype; the baselines' copy stays
-    float32."""
+    (steps, sampler, cfg_scale, prompt, colour_fix, back_projection; None = the weights' recommendation), and with
+    ``pictures`` its picture-path row ("<name> picture": the LR picture through ``upscale_pixels``, as infer.py runs
+    it). Each Upscaler gets its own copy of ``autoencoder`` to decode its rows in the model's dtype; the baselines'
+    copy stays float32."""
     from latentup.pipeline import Upscaler
 
     models: dict[str, ModelRow] = {}
@@ -246,7 +246,7 @@ def from_config(cfg) -> dict:
     check_loop(cfg.align, cfg.batch_size, cfg.grids, border=cfg.border, grid_tile=cfg.grid_tile, limit=cfg.limit,
                seed=cfg.seed)
     sampling = {"steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale, "prompt": cfg.prompt,
-                "colour_fix": cfg.colour_fix}
+                "colour_fix": cfg.colour_fix, "back_projection": cfg.back_projection}
     Settings(**{k: v for k, v in {**sampling, "seed": cfg.seed}.items() if v is not None}).validate()
     names = [cfg.sets] if isinstance(cfg.sets, str) else list(cfg.sets or [])
     if not names:
