@@ -1,9 +1,10 @@
 """The README's picture: a latent upscaler's 2× of a picture beside what one gets without it.
 
 Columns, each 2× the input: the input enlarged by nearest neighbour; latent interpolation (encode, bicubic ×2 of
-the latent, decode: what SD front-ends do without a learned upscaler); pixel bicubic of the input; the model as
-``infer.py`` runs it (the weights' recommended settings unless given). Top: the whole pictures; bottom: the window
-of the bicubic enlargement with the most detail, enlarged by nearest neighbour.
+the latent, decode: what SD front-ends do without a learned upscaler); pixel bicubic of the input; the model's 2×
+latent decoded as it is (what an SD pipeline gets, here decoded by TAESD); the model as ``infer.py`` runs it on the
+picture (the weights' recommended settings: with back-projection onto the picture). Top: the whole pictures;
+bottom: the window of the bicubic enlargement with the most detail, enlarged by nearest neighbour.
 
     python benchmarks/example_compare.py --weights latentup/assets/latentup-x2-taesd.safetensors \\
         --out docs/images/example_compare.png
@@ -60,12 +61,15 @@ def main() -> None:
         pixels = to_tensor(picture)
         latent = upscaler.autoencoder.encode(pixels, sample=False)
         ours = to_tensor(upscaler.upscale_image(picture))
-        fix = f", colour fix {settings.colour_fix:g}" if settings.colour_fix else ""
+        decoded = upscaler.autoencoder.decode(upscaler.upscale_latent(latent)).clamp(0, 1)
+        fixes = (f", colour fix {settings.colour_fix:g}" * bool(settings.colour_fix)
+                 + f",\nback-projection {settings.back_projection}" * bool(settings.back_projection))
         columns = {
             "input, nearest x2": F.interpolate(pixels, scale_factor=2, mode="nearest")[0],
             "latent interpolation\n(bicubic x2 of the latent)": upscaler.autoencoder.decode(bicubic2x(latent))[0],
             "pixel bicubic x2": bicubic2x(pixels).clamp(0, 1)[0],
-            f"latentup\n({settings.sampler} {settings.steps}{fix})": ours[0],
+            f"latentup, 2x latent\ndecoded as it is ({settings.sampler} {settings.steps})": decoded[0],
+            f"latentup on the picture\n({settings.sampler} {settings.steps}{fixes})": ours[0],
         }
         grid = strip(columns, columns["pixel bicubic x2"], 0)
         write_atomic(args.out, lambda tmp: grid.save(tmp, format="PNG"))

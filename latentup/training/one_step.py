@@ -44,7 +44,7 @@ from latentup.nn.unet import UNet, UNetConfig
 from latentup.training.ema import ema_decay, ema_update
 from latentup.weights.single_file import save_upscaler
 
-RECOMMENDED = {"sampler": "euler", "steps": 1, "schedule": "exponential", "colour_fix": 0.0}
+RECOMMENDED = {"sampler": "euler", "steps": 1, "schedule": "exponential", "colour_fix": 0.0, "back_projection": 10}
 
 
 def predict(denoiser: KarrasDenoiser, low_res: Tensor, noise: Tensor, noise_fourier: Tensor | None = None) -> Tensor:
