@@ -84,12 +84,12 @@ def table(args) -> None:
             out = run / f"eval_{args.set}_{args.limit}" / export.stem
             if not (out / "summary.json").is_file():
                 command = [sys.executable, str(REPO / "evaluate.py"), f"checkpoints=[{export}]",
-                           f"sets=[{args.set}]", f"limit={args.limit}", "colour_fix=0", "grids=0",
+                           f"sets=[{args.set}]", f"limit={args.limit}", "colour_fix=0", "picture_rows=false", "grids=0",
                            f"output_dir={out}", "progress=false", "device=cpu"]
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
             scores = json.loads((out / "summary.json").read_text())["sets"][args.set]["rows"]
-            references = {k: v for k, v in scores.items() if k != export.stem}
+            references = {k: v for k, v in scores.items() if not k.startswith(export.stem)}  # and its picture row
             rows.append((run.name, float(export.stem[3:-1]) / 3600, scores[export.stem]))
     print(f"| recipe | compute (h) | {args.set}[:{args.limit}] PSNR-Y | LPIPS |\n|---|---|---|---|")
     for name, hours, score in rows:
