@@ -225,7 +225,7 @@ def train(recipe: Recipe, batches: Callable[[int], Iterator[dict]], run_dir: str
     next_save, exported = timer() + checkpoint_every, run_dir / "none"
     autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=recipe.bf16)
     sums: dict[str, float] = {}
-    first_step, started = step, time.perf_counter()
+    first_step, logged, started = step, step, time.perf_counter()
     for batch in batches(step):
         now = timer()
         while marks and now >= marks[0]:  # a mark of 0 exports the initial weights
@@ -252,6 +252,6 @@ def train(recipe: Recipe, batches: Callable[[int], Iterator[dict]], run_dir: str
         if step % 50 == 0:
             rate = (step - first_step) * recipe.batch_size / (time.perf_counter() - started)
             log(f"step {step} {timer():.0f} s {rate:.1f} samples/s " +
-                " ".join(f"{k} {v / 50:.4f}" for k, v in sums.items()))
-            sums = {}
+                " ".join(f"{k} {v / (step - logged):.4f}" for k, v in sums.items()))  # means since the last line
+            sums, logged = {}, step
     return exported
