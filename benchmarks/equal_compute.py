@@ -89,7 +89,7 @@ def table(args) -> None:
                 env = {**os.environ, "OMP_NUM_THREADS": str(args.threads)}
                 subprocess.run(command, check=True, env=env, stdout=subprocess.DEVNULL)
             scores = json.loads((out / "summary.json").read_text())["sets"][args.set]["rows"]
-            references = {k: v for k, v in scores.items() if not k.startswith(export.stem)}  # and its picture row
+            references = {k: v for k, v in scores.items() if k != export.stem}
             rows.append((run.name, float(export.stem[3:-1]) / 3600, scores[export.stem]))
     print(f"| recipe | compute (h) | {args.set}[:{args.limit}] PSNR-Y | LPIPS |\n|---|---|---|---|")
     for name, hours, score in rows:

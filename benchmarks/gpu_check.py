@@ -13,8 +13,8 @@ Parts, in order (each is skipped, and says so, when the ``--budget`` would not c
   training   samples/s of a training step of experiment=default_x2's U-Net (the bundled model's) and of the
              released-size U-Net, bf16 autocast, fused AdamW, NCHW and channels_last.
   compile    latentup with compile=reduce-overhead (what compile=auto picks) in two fresh processes sharing an
-             inductor cache (TORCHINDUCTOR_CACHE_DIR): at 512->1024 cold, then 512->1024 and 1024->2048 warm (the
-             second size recompiles once with dynamic shapes); the first call's extra time (= compile or cache load),
+             inductor cache (TORCHINDUCTOR_CACHE_DIR): 512->1024 then 1024->2048 (the second size compiles the
+             dynamic graph), cold then warm; the first call's extra time (= compile or cache load),
              the fraction of the measured fp16 matmul peak, and the images after which compiling pays against the
              eager CUDA default (compile=auto's threshold).
   training-compile  the two training runs with torch.compile.
@@ -126,7 +126,7 @@ def part_compile(args, scratch: Path) -> list[dict]:
         return [{"run": "skipped", "note": "compile is for CUDA (inductor on a CPU: ~80 s per size)"}]
     env = os.environ | {"TORCHINDUCTOR_CACHE_DIR": str(scratch / "inductor")}
     rows = []
-    for cache, sizes in (("cold", [512]), ("warm", [512, 1024])):
+    for cache, sizes in (("cold", [512, 1024]), ("warm", [512, 1024])):
         out = scratch / f"compile_{cache}.jsonl"
         argv = sampling_args(args, "float16", sizes, ["reduce-overhead"], out)
         done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "sampling.py"), *argv], env=env, cwd=ROOT,

@@ -317,3 +317,26 @@ def test_cli_reproduces_anchors(tmp_path, name):
             assert ours[row][metric] == pytest.approx(value, abs=tolerance[metric]), (row, metric)
     with open(tmp_path / "per_image.csv", newline="") as handle:
         assert len(list(csv.DictReader(handle))) == 5 * len(list_set_images(EVAL / name))
+
+
+def test_settings_name_each_checkpoint_once_beside_picture_rows(tmp_path, tiny_root):
+    """With picture rows (two rows per checkpoint) settings.json still maps every model row to its own file."""
+    from hydra import compose, initialize_config_dir
+
+    from latentup.evaluation.run import from_config
+    from latentup.nn.unet import UNet, UNetConfig
+    from latentup.weights.single_file import save_upscaler
+
+    config = UNetConfig(channels=(32, 32, 64, 64), depths=(1,) * 4, cross_attention_dim=None, mapping_dim=64,
+                        mapping_cond_dim=128, head_dim=32)
+    torch.manual_seed(0)
+    paths = [save_upscaler(tmp_path / f"{name}.safetensors", UNet(config).state_dict(), dataclasses.asdict(config))
+             for name in ("first", "second")]
+    with initialize_config_dir(str(REPO / "configs"), version_base=None):
+        cfg = compose("evaluate", [f"data_root={tiny_root}", "sets=[tiny]", f"output_dir={tmp_path / 'out'}",
+                                   "lpips=false", "progress=false", "limit=1", "grids=0", "steps=1",
+                                   f"checkpoints=[{paths[0]},{paths[1]}]"])
+    summary = from_config(cfg)
+    assert list(summary["tiny"]["rows"])[:4] == ["first", "first picture", "second", "second picture"]
+    saved = json.loads((tmp_path / "out" / "settings.json").read_text())["checkpoints"]
+    assert saved == {"first": str(paths[0]), "second": str(paths[1])}

@@ -4,7 +4,7 @@ the way where it does not apply."""
 import pytest
 import torch
 
-from latentup.diffusion.graphed import GraphedDenoiser, _tensors
+from latentup.diffusion.graphed import GraphedDenoiser, tensors_of
 from latentup.diffusion.guidance import guided
 from latentup.diffusion.precond import KarrasDenoiser
 from latentup.diffusion.samplers import SAMPLERS
@@ -66,9 +66,9 @@ def test_next_call_reuses_the_recorded_graph_when_its_conditioning_fits():
         second = wrapped.prepare(**uncond)
         expected = denoiser.prepare(**uncond)
         assert second is first and wrapped._call().graph == "recorded"
-        for buffer, value in zip(_tensors(second), _tensors(expected), strict=True):
+        for buffer, value in zip(tensors_of(second), tensors_of(expected), strict=True):
             assert torch.equal(buffer, value)
-        assert len(_tensors(second)) > 10  # image_cond, embeddings, every block's text K/V
+        assert len(tensors_of(second)) > 10  # image_cond, embeddings, every block's text K/V
         other, *_ = conditioning(batch=2)
         third = wrapped.prepare(**other)  # another batch: a new graph
         assert third is not first and wrapped._call().graph is None

@@ -173,8 +173,8 @@ def test_upscaler_knobs_below_the_tile_sizes_keep_the_output(upscaler):
 
 def test_compiled_upscaler_reuses_one_graph_across_sizes_and_reports_first_calls(upscaler, monkeypatch, capsys):
     """compile=default on the CPU (aot_eager instead of inductor: no C++ build; no Winograd path, whose tile
-    choices specialise on the size, as on CUDA): the same latents as eager, one static graph for the first size,
-    one dynamic graph for every later size, each first call reported."""
+    choices specialise on the size, as on CUDA): the same latents as eager, one static graph for the first shape,
+    one graph dynamic in batch, height and width for every later shape, each first call reported."""
     import functools
 
     from latentup.diffusion import compiled
@@ -185,13 +185,13 @@ def test_compiled_upscaler_reuses_one_graph_across_sizes_and_reports_first_calls
     assert isinstance(fast.denoiser.unet, compiled.ReportedCompile)
     settings = {"prompt": "a photo", "negative_prompt": "blurry", "steps": 2, "cfg_scale": 7.5, "seed": 4}
     graphs = compiled._graphs_compiled()
-    for side in (8, 12, 16, 12):
-        latent = torch.randn(1, 4, side, side, generator=torch.Generator().manual_seed(side))
+    for batch, h, w in ((1, 8, 8), (1, 12, 8), (2, 8, 16), (1, 12, 12), (1, 12, 8)):  # sides, then batch, change
+        latent = torch.randn(batch, 4, h, w, generator=torch.Generator().manual_seed(h * w))
         torch.testing.assert_close(fast.upscale_latent(latent, **settings), eager.upscale_latent(latent, **settings),
-                                   rtol=1e-4, atol=1e-4)
+                                   rtol=1e-3, atol=5e-4)  # compiled, AdaGroupNorm normalises first: other rounding
     reports = [line for line in capsys.readouterr().err.splitlines() if line.startswith("torch.compile")]
     assert [("compiled a new graph" in line, line.split(" at ")[1].split()[0]) for line in reports] == [
-        (True, "2×8×16×16"), (True, "2×8×24×24"), (False, "2×8×32×32")]  # sizes seen again are not reported
+        (True, "2×8×16×16"), (True, "2×8×24×16"), (False, "4×8×16×32"), (False, "2×8×24×24")]  # seen again: silent
     assert compiled._graphs_compiled() - graphs == 2
 
 

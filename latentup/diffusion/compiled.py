@@ -5,10 +5,11 @@ compile time said out loud.
 
 - the cache (:func:`compile_cache`): inductor's FX-graph, autotuning and kernel caches in a folder that outlives
   the process, so only the first process ever compiles the U-Net for a shape and dtype; later ones load the kernels;
-- sizes: dynamo's automatic dynamic shapes. The first input shape compiles a static graph (the fastest kernels);
-  the first call at another shape recompiles once with the sides (and batch) that changed symbolic, and that one
-  graph then serves every later shape with no compile (``reduce-overhead`` still records a CUDA graph per shape: a
-  recording of kernels, not a compilation);
+- sizes: the first input shape compiles a static graph (the fastest kernels); the first call at another shape
+  marks the input's height and width and the batch of every tensor argument dynamic
+  (``torch._dynamo.maybe_mark_dynamic``) and compiles one graph with them symbolic, which then serves every later shape with no compile (``reduce-overhead`` still records
+  a CUDA graph per shape: a recording of kernels, not a compilation). Without the marks dynamo would make only the
+  dimensions that changed so far symbolic, and recompile when another one changes;
 - the report: the first call at each input signature (shape, dtype) is timed, and a line on stderr says how long
   it took and whether it compiled a new graph, so a compile wait is never silent.
 """
@@ -20,6 +21,8 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+
+from latentup.diffusion.graphed import tensors_of
 
 
 def compile_cache() -> Path:
@@ -45,20 +48,30 @@ class ReportedCompile(nn.Module):
 
     def __init__(self, network: nn.Module, mode: str):
         super().__init__()
-        self.network, self.mode = network, mode
-        self.compiled = torch.compile(network, mode=mode)
+        self.mode = mode
+        self.compiled = torch.compile(network, mode=mode)  # holds ``network`` (one copy of the weights)
         self.seen: dict[tuple, float] = {}  # input signature -> seconds of its first call
 
     def condition(self, *args, **kwargs):
         """The U-Net's per-call conditioning, eager (it runs once per sampling call)."""
-        return self.network.condition(*args, **kwargs)
+        return self.compiled.condition(*args, **kwargs)
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
         key = (tuple(x.shape), x.dtype)
         if key in self.seen:
             return self.compiled(x, *args, **kwargs)
+        if self.seen:  # a second shape: one graph for every shape from now on
+            for dim in (2, 3):
+                torch._dynamo.maybe_mark_dynamic(x, dim)
+            for tensor in tensors_of([x, args, kwargs]):  # the batch of x and of the conditioning
+                if tensor.ndim:
+                    torch._dynamo.maybe_mark_dynamic(tensor, 0)
+        if x.is_cuda:  # time the call itself, not a queue of earlier launches (first calls only)
+            torch.cuda.synchronize(x.device)
         graphs, start = _graphs_compiled(), time.perf_counter()
         out = self.compiled(x, *args, **kwargs)
+        if x.is_cuda:
+            torch.cuda.synchronize(x.device)
         self.seen[key] = seconds = time.perf_counter() - start
         what = "compiled a new graph" if _graphs_compiled() > graphs else "reused the compiled graph"
         shape = "×".join(map(str, key[0]))

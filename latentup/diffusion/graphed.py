@@ -49,7 +49,7 @@ class GraphedDenoiser(nn.Module):
         returned) when it fits them, else it starts a new graph."""
         call, prepared = self._call(), self.denoiser.prepare(**cond)
         if call.graph is not None and _signature(prepared) == _signature(call.prepared):
-            for buffer, value in zip(_tensors(call.prepared), _tensors(prepared)):
+            for buffer, value in zip(tensors_of(call.prepared), tensors_of(prepared)):
                 buffer.copy_(value)
             return call.prepared
         call.key = call.warmed = call.graph = call.static = None
@@ -109,7 +109,7 @@ def _signature(tree):
     return tree
 
 
-def _tensors(tree) -> list[Tensor]:
+def tensors_of(tree) -> list[Tensor]:
     """The tensors of nested dicts / lists / tuples / dataclasses, in the order of ``_signature``."""
     if torch.is_tensor(tree):
         return [tree]
@@ -119,5 +119,5 @@ def _tensors(tree) -> list[Tensor]:
         tree = [getattr(tree, f.name) for f in dataclasses.fields(tree)]
     elif not isinstance(tree, (list, tuple)):
         return []
-    return [tensor for value in tree for tensor in _tensors(value)]
+    return [tensor for value in tree for tensor in tensors_of(value)]
 

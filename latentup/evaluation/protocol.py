@@ -7,7 +7,7 @@ compared.
     z   = encode(LR)                                       (posterior mean for a KL VAE)
     rows: model_k     upscale_k(z), the model's decoded image (pipeline: decode, then its colour fix)
           model_k picture  upscale_k(LR): the picture path a user runs (infer.py on the LR picture: encode,
-                           sample, decode, colour fix against the picture itself)
+                           sample, decode, the fixes against the picture itself)
           ceiling     decode(encode(HR))
           latent-nearest / latent-bicubic       decode(up2(z))
           pixel-bicubic-of-decoded-LR           clamp(bicubic2(decode(z)))

@@ -269,7 +269,8 @@ def from_config(cfg) -> dict:
                          **sampling)
     settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "fid": str(cfg.fid) if cfg.fid else None,
                 "dtype": str(cfg.dtype), **sampling,
-                "checkpoints": {name: str(p) for name, p in zip(models, checkpoints)}}
+                "checkpoints": {name: str(p) for name, p in zip(
+                    [name for name, row in models.items() if not isinstance(row, PictureRow)], checkpoints)}}
     return evaluate(autoencoder, sets, cfg.output_dir, metrics, models, align=cfg.align, batch_size=cfg.batch_size,
                     seed=cfg.seed, grids=cfg.grids, grid_tile=cfg.grid_tile, limit=cfg.limit, progress=cfg.progress,
                     settings=settings, autoencoder_name=spec, inception=inception)

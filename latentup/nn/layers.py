@@ -66,7 +66,9 @@ class AdaGroupNorm(nn.Module):
     """y = GroupNorm(x; C/32 groups, eps 1e-5, no affine)·(1 + a) + b, with (a, b) = chunk₂(linear(emb)).
 
     For a contiguous (NCHW) x this is one GroupNorm over [1, B·C, H, W] with B·G groups and per-channel affine
-    (1 + a, b): the same statistics, without a second pass over x. Other layouts (channels_last) normalise first.
+    (1 + a, b): the same statistics, without a second pass over x. Other layouts (channels_last), and code under
+    torch.compile (where the group count B·G would fix the batch size, and inductor fuses the affine itself),
+    normalise first.
     """
 
     def __init__(self, emb_dim: int, channels: int):
@@ -76,7 +78,7 @@ class AdaGroupNorm(nn.Module):
 
     def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(emb).chunk(2, dim=1)
-        if x.is_contiguous():
+        if x.is_contiguous() and not torch.compiler.is_compiling():
             b, c, *size = x.shape
             y = F.group_norm(x.reshape(1, b * c, *size), b * self.groups, (1 + scale).flatten(), shift.flatten(), 1e-5)
             return y.view_as(x)
