@@ -165,7 +165,8 @@ def checks(rows: list[dict]) -> list[str]:
             pays = (f"; pays after {row['compile_seconds'] / (eager - row['seconds']):.0f} images against eager "
                     f"{eager:.3f} s" if eager and eager > row["seconds"] else "")
             lines.append(f"item 2, {size}: compiled {row['seconds']:.3f} s / image, {row['fraction_of_peak']:.0%} of "
-                         f"peak (bar 40 %): {'met' if ok else 'SHORT'}; first call +{row.get('compile_seconds', 0):.1f} s"
+                         f"peak (bar 40 %): {'met' if ok else 'SHORT'}; "
+                         f"first call +{row.get('compile_seconds', 0):.1f} s"
                          f" with the warm cache{pays}")
     return lines
 

@@ -297,14 +297,15 @@ class Upscaler:
         s = self.settings(**settings)
         factor = 4 * self.autoencoder.downscale
         padded, (h, w) = pad_to_multiple(pixels, factor, 2 * factor)
+        padded = padded.to(self.device)
         generators = self._generators(self._seeds(s.seed, len(pixels)))
         with _job(progress, s.steps + 2, len(pixels)) as bar:
             bar.set_description_str("encode")
-            latent = self.autoencoder.encode(self._layout(padded.to(self.device, self.dtype)), generator=generators)
+            latent = self.autoencoder.encode(self._layout(padded.to(dtype=self.dtype)), generator=generators)
             bar.update()
             decoded = self._decode(self._sample(latent.float(), generators, s, bar), bar)
-        decoded = back_project(decoded, padded.to(self.device), s.back_projection)
-        return colour_fix(decoded, padded.to(self.device), s.colour_fix)[..., : 2 * h, : 2 * w].float()
+        decoded = back_project(decoded, padded, s.back_projection)
+        return colour_fix(decoded, padded, s.colour_fix)[..., : 2 * h, : 2 * w].float()
 
     def upscale_image(self, image: Image.Image | str | Path, progress=False, **settings) -> Image.Image:
         """One image (PIL or path; any size, RGB/RGBA/greyscale) -> its 2x upscale as a PIL image."""

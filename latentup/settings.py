@@ -120,9 +120,9 @@ class Speed:
     (None: never). channels_last: NHWC weights and activations (None: off, NCHW on every device, the faster layout
     measured on an H200 and on CPUs). compile: a ``torch.compile`` mode for the U-Net ("default", "reduce-overhead"
     adds CUDA graphs, "max-autotune", "max-autotune-no-cudagraphs"), None for eager, or "auto": where it pays
-    (:func:`resolve_compile`; an Upscaler is taken to serve a long job, infer.py decides by its image count). winograd: the U-Net's 3×3
-    convolutions as Winograd F(4×4, 3×3) (``latentup.nn.winograd``; CPU float32 only, within ~2e-5 relative; None:
-    on where it applies).
+    (:func:`resolve_compile`; an Upscaler is taken to serve a long job, infer.py decides by its image count).
+    winograd: the U-Net's 3×3 convolutions as Winograd F(4×4, 3×3) (``latentup.nn.winograd``; CPU float32 only,
+    within ~2e-5 relative; None: on where it applies).
     """
 
     unet_tile: int | None = None

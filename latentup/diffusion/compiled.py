@@ -7,8 +7,9 @@ compile time said out loud.
   the process, so only the first process ever compiles the U-Net for a shape and dtype; later ones load the kernels;
 - sizes: the first input shape compiles a static graph (the fastest kernels); the first call at another shape
   marks the input's height and width and the batch of every tensor argument dynamic
-  (``torch._dynamo.maybe_mark_dynamic``) and compiles one graph with them symbolic, which then serves every later shape with no compile (``reduce-overhead`` still records
-  a CUDA graph per shape: a recording of kernels, not a compilation). Without the marks dynamo would make only the
+  (``torch._dynamo.maybe_mark_dynamic``) and compiles one graph with them symbolic, which then serves every later
+  shape with no compile (``reduce-overhead`` still records a CUDA graph per shape: a recording of kernels, not a
+  compilation). Without the marks dynamo would make only the
   dimensions that changed so far symbolic, and recompile when another one changes;
 - the report: the first call at each input signature (shape, dtype) is timed, and a line on stderr says how long
   it took and whether it compiled a new graph, so a compile wait is never silent.
