@@ -64,7 +64,29 @@ def train(args) -> None:
                                         max_side=args.max_side)
         if args.pool:
             stream.fill_pool(args.pool)
-    log_file = Path(args.run) / "train.log"
+    run_training(recipe, stream, args.run, budgets=budgets, clock=args.clock, decode=autoencoder.decode,
+                 lpips=lpips, device=args.device, checkpoint_every=args.checkpoint_every, log=run_log(args.run),
+                 name=Path(args.recipe).stem)
+
+
+def cleaner(args) -> None:
+    from latentup.data.degradation import load_degradation
+    from latentup.data.worn import WornPairs
+    from latentup.training.cleaner import CleanerRecipe, train_cleaner
+
+    recipe = CleanerRecipe.from_file(args.recipe)
+    budgets = sorted(h * 3600 for h in args.hours if args.upto is None or h <= args.upto + 1e-9)
+    if not budgets:
+        raise ConfigError("no budget mark at or below --upto: pass --upto >= the smallest of --hours")
+    pairs = WornPairs(str(args.images), load_degradation(recipe.degradation), recipe.patch, recipe.batch_size,
+                      recipe.seed)
+    train_cleaner(recipe, pairs, args.run, budgets=budgets, clock=args.clock, device=args.device,
+                  checkpoint_every=args.checkpoint_every, log=run_log(args.run), name=Path(args.recipe).stem)
+
+
+def run_log(run: Path):
+    """A log function printing each line and appending it to ``run/train.log``."""
+    log_file = Path(run) / "train.log"
     log_file.parent.mkdir(parents=True, exist_ok=True)
 
     def log(line: str) -> None:
@@ -72,9 +94,7 @@ def train(args) -> None:
         with open(log_file, "a") as f:
             f.write(line + "\n")
 
-    run_training(recipe, stream, args.run, budgets=budgets, clock=args.clock, decode=autoencoder.decode,
-                 lpips=lpips, device=args.device, checkpoint_every=args.checkpoint_every, log=log,
-                 name=Path(args.recipe).stem)
+    return log
 
 
 def table(args) -> None:
@@ -119,6 +139,17 @@ def main() -> None:
     t.add_argument("--init", type=Path, help="start from these weights (overrides the recipe's init_weights)")
     t.add_argument("--checkpoint-every", type=float, default=300, help="clock seconds between last.pt writes")
     t.add_argument("--threads", type=int, default=1)
+    c = sub.add_parser("cleaner", help="train a cleaner recipe (configs/cleaner/) to its budget marks (resumes)")
+    c.add_argument("--recipe", required=True, type=Path)
+    c.add_argument("--run", required=True, type=Path, help="run folder (last.pt, exports, train.log)")
+    c.add_argument("--images", type=Path, default=Path(os.environ.get("LATENTUP_DATA", "../shared/datasets")) / "train",
+                   help="training images (default: $LATENTUP_DATA/train)")
+    c.add_argument("--hours", type=float, nargs="+", default=[0.5, 1, 2], help="budget marks (clock hours)")
+    c.add_argument("--upto", type=float, help="stop at the last mark <= this many hours (resume later for more)")
+    c.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
+    c.add_argument("--device", default="cpu")
+    c.add_argument("--checkpoint-every", type=float, default=300, help="clock seconds between last.pt writes")
+    c.add_argument("--threads", type=int, default=1)
     s = sub.add_parser("table", help="evaluate every export of the runs and print the table")
     s.add_argument("--runs", nargs="+", required=True)
     s.add_argument("--set", default="B100")
@@ -126,11 +157,11 @@ def main() -> None:
     s.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     with exit_on_error():
-        if args.command == "train":
+        if args.command in ("train", "cleaner"):
             torch.set_num_threads(args.threads)
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution kernels once
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-            train(args)
+            (train if args.command == "train" else cleaner)(args)
         else:
             table(args)
 

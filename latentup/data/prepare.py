@@ -3,7 +3,7 @@
 For source image s (in sorted order) and its crops j:
 
     HR_sj = crop(image_s, box_sj)            boxes: ``random`` (seeded by (seed, s)) or a ``grid``
-    LR_sj = bicubic_antialiased(HR_sj, 1/2)
+    LR_sj = bicubic_antialiased(HR_sj, 1/2), then worn by ``degradation`` (seeded by (seed, s, j); HR stays clean)
     hr_sj = E(HR_sj),  lr_sj = E(LR_sj)      E = the autoencoder (posterior sample seeded by (seed, s, j), or mean)
 
 and, with ``pixels``, HR_sj itself (uint8), the target of a decoder-space loss against the true image.
@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from latentup.data.crops import DIHEDRAL, check_crop, grid_boxes, limit_side, pair, random_boxes
+from latentup.data.degradation import Degradation
 from latentup.data.shards import ShardWriter
 from latentup.data.sources import open_source
 from latentup.devices import resolve_device
@@ -48,6 +49,7 @@ class PrepareSettings:
     sample: bool = True  # posterior sample (KL VAE) rather than the mean
     clip_skip: int = 1
     pixels: bool = False  # also store the HR crop (uint8 ``hr_pixels``)
+    degradation: dict | None = None  # wear of the LR side (configs/degradation/; None: clean pairs)
 
     def __post_init__(self):
         for key in ("crop", "align", "crops_per_image", "stride", "max_side"):
@@ -58,6 +60,13 @@ class PrepareSettings:
                               "crop would fit: raise max_side (or null) or lower crop")
         if self.mode not in ("random", "grid"):
             raise ConfigError(f"unknown crop mode {self.mode!r}: use random or grid")
+        self.wear = Degradation.from_config(self.degradation, "data.prepare.settings.degradation")
+        if self.wear is None:
+            self.degradation = None
+
+    def record(self) -> dict:
+        """The settings as the manifest records them (no ``degradation`` key for clean pairs: older manifests)."""
+        return {k: v for k, v in asdict(self).items() if k != "degradation" or v is not None}
 
 
 class _Crops(Dataset):
@@ -80,6 +89,8 @@ class _Crops(Dataset):
             boxes = random_boxes(image.width, image.height, s.crop, s.crops_per_image, rng)
         turns = rng.integers(0, len(DIHEDRAL), size=len(boxes)) if s.dihedral else [0] * len(boxes)
         pairs = [pair(image, box, DIHEDRAL[k]) for box, k in zip(boxes, turns)]
+        if s.wear is not None:
+            pairs = [(hr, s.wear.tensor(lr, mix_seed(s.seed, index, j, 2))) for j, (hr, lr) in enumerate(pairs)]
         if not pairs:
             return src.key, src.caption, None, None
         return src.key, src.caption, torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
@@ -100,7 +111,7 @@ def prepare_pairs(settings: PrepareSettings, output: str | Path, autoencoder, te
         raise ConfigError("settings.text_encoder must name the text encoder exactly when one is given")
     for key, value, low in (("shard_size", shard_size, 1), ("batch_size", batch_size, 1), ("num_workers", num_workers, 0)):
         check_int(f"data.prepare.{key}", value, low)
-    writer = ShardWriter(output, asdict(settings), shard_size)
+    writer = ShardWriter(output, settings.record(), shard_size)
     if writer.manifest["complete"]:
         return writer.manifest
     device = resolve_device(device, "data.prepare.device")
