@@ -56,7 +56,7 @@ def start_server(pipeline_dir, *overrides):
 
 @pytest.fixture(scope="module")
 def server(pipeline_dir):
-    process, base = start_server(pipeline_dir, "fetch_hosts=[127.0.0.1]", "batch_wait=0.2", "max_batch=4",
+    process, base = start_server(pipeline_dir, "fetch_hosts=[127.0.0.1:*]", "batch_wait=0.2", "max_batch=4",
                                  "session_ttl=60")
     yield process, base
     if process.poll() is None:
@@ -151,7 +151,10 @@ def test_rest_by_hand(server, photo):
     photo.save(jpeg, format="JPEG")
     jpeg_upload = {**upload, "taskUUID": str(uuid.uuid4()), "image": base64.b64encode(jpeg.getvalue()).decode()}
     jpeg_url = post(base, [jpeg_upload]).json()["data"][0]["imageURL"]
-    assert jpeg_url.endswith(".jpg") and httpx.get(jpeg_url).headers["content-type"] == "image/jpeg"
+    # uploads are stored as decoded (issue 30): a JPEG comes back as the lossless PNG of its pixels, never sniffed
+    served = httpx.get(jpeg_url)
+    assert jpeg_url.endswith(".png") and served.headers["content-type"] == "image/png"
+    assert served.headers["x-content-type-options"] == "nosniff"
     from_upload = task(uploaded["imageUUID"], outputType="dataURI", outputFormat="WEBP")
     from_output = task(item["imageUUID"])  # an earlier output as input (its 2x: 256 x 192)
     from_url = task(item["imageURL"])  # fetched from an allowed host
@@ -397,12 +400,13 @@ def test_url_fetcher_caps_size_and_hosts():
     threading.Thread(target=files.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{files.server_port}"
     try:
-        assert UrlFetcher(["127.0.0.1"], 20_000, 5)(f"{url}/big") == b"x" * 10_000
-        for fetcher, path, reason in ((UrlFetcher(["127.0.0.1"], 1_000, 5), "/big", "over 1000 bytes"),
-                                      (UrlFetcher(["127.0.0.1"], 20_000, 5), "/missing", "HTTP 404"),
+        assert asyncio.run(UrlFetcher(["127.0.0.1:*"], 20_000, 5)(f"{url}/big")) == b"x" * 10_000
+        for fetcher, path, reason in ((UrlFetcher(["127.0.0.1:*"], 1_000, 5), "/big", "over 1000 bytes"),
+                                      (UrlFetcher(["127.0.0.1:*"], 20_000, 5), "/missing", "HTTP 404"),
+                                      (UrlFetcher(["127.0.0.1"], 20_000, 5), "/big", "port .* not allowed"),
                                       (UrlFetcher(["example.com"], 20_000, 5), "/big", "not an allowed host")):
             with pytest.raises(TaskError, match=reason) as error:
-                fetcher(url + path, "inputs.image")
+                asyncio.run(fetcher(url + path, "inputs.image"))
             assert error.value.parameter == "inputs.image"
     finally:
         files.shutdown()

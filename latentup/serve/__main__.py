@@ -4,7 +4,8 @@
     LATENTUP_API_KEYS=k1,k2 python -m latentup.serve host=0.0.0.0
 
 Prints ``serving on http://HOST:PORT (ws://HOST:PORT/v1)`` once it accepts connections. SIGINT / SIGTERM drain:
-accepted tasks finish and are delivered (at most ``drain_timeout`` s), new ones get a ``serverShuttingDown`` error.
+accepted tasks finish and are delivered (at most ``drain_timeout`` s), new ones get a ``serverShuttingDown`` error;
+then what still runs is stopped, the temporary store removed, and the process exits 0.
 """
 
 import asyncio
@@ -13,26 +14,40 @@ import ipaddress
 import logging
 import os
 import socket
-import sys
 import tempfile
+from importlib import resources
 from pathlib import Path
 
 import uvicorn
 from omegaconf import DictConfig, ListConfig
+from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from latentup.cli import command
 from latentup.errors import ConfigError, exit_on_error
 from latentup.serve.app import create_app
 from latentup.serve.fetch import UrlFetcher
+from latentup.serve.limits import Limits
 from latentup.serve.service import Service
 from latentup.serve.sessions import Sessions
 from latentup.serve.store import ImageStore
 
 FREE_TEXT = ("weights", "host", "public_url", "store_dir", "autoencoder", "text_encoder")
-PURGE_INTERVAL = 10.0  # seconds between deletions of expired outputs and sessions
+PURGE_INTERVAL = 10.0  # seconds between deletions of expired outputs, records and sessions
+KEEPALIVE = 20.0  # seconds between WebSocket pings, and to wait for a pong (a message is acknowledged after both)
 POSITIVE = {"max_queue": int, "max_batch": int, "max_tasks_per_request": int, "task_timeout": float,
             "max_request_mb": float, "output_ttl": float, "session_ttl": float, "drain_timeout": float,
-            "fetch_max_mb": float, "fetch_timeout": float}
+            "fetch_max_mb": float, "fetch_timeout": float, "max_prompt_chars": int, "max_step_megapixels": float,
+            "max_inflight_per_key": int, "max_inflight_per_connection": int, "max_records_per_key": int,
+            "session_buffer_mb": float, "store_max_mb": float, "auth_timeout": float, "max_auth_kb": float}
+WILDCARD_HOSTS = ("0.0.0.0", "::", "")
+
+
+def config_dir() -> Path:
+    """``configs/serve``: package data ``latentup.configs`` in a wheel, the checkout's ``configs/`` otherwise."""
+    try:
+        return Path(str(resources.files("latentup.configs") / "serve"))
+    except ModuleNotFoundError:
+        return Path(__file__).resolve().parents[2] / "configs" / "serve"
 
 
 def _check(cfg: DictConfig) -> tuple[list[str], list[str]]:
@@ -85,13 +100,34 @@ def _load(cfg: DictConfig):
                                     text_encoder=cfg.text_encoder, download=cfg.download, **speed)
 
 
-class Server(uvicorn.Server):
-    """uvicorn's server, which drains the service before it closes connections."""
+def first_frame_capped(max_bytes: int) -> type:
+    """uvicorn's WebSocket protocol that reads at most ``max_bytes`` per message until the app sent its first one
+    (the authentication answer): an unauthenticated client cannot make the server buffer a large frame."""
 
-    def __init__(self, config: uvicorn.Config, service: Service, sessions: Sessions, drain_timeout: float,
-                 ready_line: str):
+    class FirstFrameCapped(WebSocketsSansIOProtocol):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.conn.max_message_size = max_bytes
+
+        async def send(self, message) -> None:
+            if message["type"] == "websocket.send":
+                self.conn.max_message_size = self.config.ws_max_size
+            await super().send(message)
+
+    return FirstFrameCapped
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server, which drains the service before it closes connections, and ends normally on SIGINT and
+    SIGTERM alike (uvicorn would raise the signal again once drained, killing the process before its cleanup)."""
+
+    def __init__(self, config: uvicorn.Config, service: Service, pending, drain_timeout: float, ready_line: str):
         super().__init__(config)
-        self.service, self.sessions, self.drain_timeout, self.ready_line = service, sessions, drain_timeout, ready_line
+        self.service, self.pending, self.drain_timeout, self.ready_line = service, pending, drain_timeout, ready_line
+
+    def handle_exit(self, sig, frame) -> None:
+        super().handle_exit(sig, frame)
+        self._captured_signals.clear()
 
     async def startup(self, sockets=None) -> None:
         await super().startup(sockets)
@@ -99,7 +135,7 @@ class Server(uvicorn.Server):
             print(self.ready_line, flush=True)
 
     async def shutdown(self, sockets=None) -> None:
-        await self.service.drain(self.sessions.buffered, self.drain_timeout)
+        await self.service.drain(self.pending, self.drain_timeout)
         await super().shutdown(sockets)
 
 
@@ -107,16 +143,21 @@ def serve(cfg: DictConfig) -> None:
     keys, fetch_hosts = _check(cfg)
     sock = _bind(str(cfg.host), cfg.port)
     host = f"[{cfg.host}]" if ":" in str(cfg.host) else str(cfg.host)
-    address = f"{host}:{sock.getsockname()[1]}"
+    port = sock.getsockname()[1]
+    address = f"{host}:{port}"
+    # imageURLs without public_url: the request's Host, else this (never a wildcard address nobody can fetch from)
+    fallback = f"http://{socket.gethostname() if str(cfg.host) in WILDCARD_HOSTS else host}:{port}"
     upscaler = _load(cfg)
     with contextlib.ExitStack() as stack:
         folder = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="latentup-serve-"))
-        store = ImageStore(Path(str(folder)), cfg.output_ttl)
+        store = ImageStore(Path(str(folder)), cfg.output_ttl, int(cfg.store_max_mb * 2**20))
         fetch = UrlFetcher(fetch_hosts, int(cfg.fetch_max_mb * 2**20), cfg.fetch_timeout) if fetch_hosts else None
+        limits = Limits(cfg.max_prompt_chars, cfg.max_step_megapixels, cfg.max_inflight_per_key,
+                        cfg.max_inflight_per_connection)
         service = Service(upscaler, store, dict(max_queue=cfg.max_queue, max_batch=cfg.max_batch,
-                                                batch_wait=cfg.batch_wait), keys, fetch, cfg.task_timeout,
-                          cfg.public_url or f"http://{address}")
-        sessions = Sessions(cfg.session_ttl)
+                                                batch_wait=cfg.batch_wait), keys, fetch, cfg.task_timeout, limits,
+                          cfg.max_records_per_key)
+        sessions = Sessions(cfg.session_ttl, int(cfg.session_buffer_mb * 2**20), 2 * KEEPALIVE)
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -124,6 +165,7 @@ def serve(cfg: DictConfig) -> None:
                 while True:
                     await asyncio.sleep(PURGE_INTERVAL)
                     await asyncio.to_thread(store.purge)
+                    service.records.purge()
                     sessions.purge()
 
             workers = [asyncio.ensure_future(service.batcher.run_forever()), asyncio.ensure_future(purge())]
@@ -132,18 +174,18 @@ def serve(cfg: DictConfig) -> None:
                 worker.cancel()
             service.batcher.close()
 
-        max_bytes = int(cfg.max_request_mb * 2**20)
-        app = create_app(service, sessions, cfg.max_tasks_per_request, max_bytes, lifespan)
+        max_bytes, max_auth_bytes = int(cfg.max_request_mb * 2**20), int(cfg.max_auth_kb * 2**10)
+        app = create_app(service, sessions, cfg.max_tasks_per_request, max_bytes, lifespan,
+                         max_auth_bytes=max_auth_bytes, auth_timeout=cfg.auth_timeout,
+                         public_url=cfg.public_url or "", fallback_url=fallback)
         config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, ws_max_size=max_bytes,
-                                lifespan="on")
-        try:
-            Server(config, service, sessions, cfg.drain_timeout,
-                   f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
-        except KeyboardInterrupt:  # uvicorn re-raises SIGINT once drained: exit as interrupted, without a traceback
-            sys.exit(130)
+                                ws=first_frame_capped(max_auth_bytes), ws_ping_interval=KEEPALIVE,
+                                ws_ping_timeout=KEEPALIVE, lifespan="on")
+        Server(config, service, app.state.pending, cfg.drain_timeout,
+               f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
 
 
-@command(Path(__file__).resolve().parents[2] / "configs" / "serve", "serve", __doc__, FREE_TEXT)
+@command(config_dir(), "serve", __doc__, FREE_TEXT)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_error():

@@ -1,27 +1,36 @@
 """The ASGI app (Starlette): REST and WebSocket on one port, as the hosted API (RUNWARE.md §1).
 
-- ``POST /v1`` (and ``/``): a JSON array of tasks; the key as ``Authorization: Bearer KEY`` or a first
-  ``authentication`` task; the answer is ``{"data": [...], "errors": [...]}`` once every task is answered.
-- WebSocket ``/v1`` (and ``/``): the first message authenticates (``connectionSessionUUID`` resumes a session);
-  then any number of task arrays, each task answered on its own as ``{"data": [item]}`` / ``{"errors": [error]}``,
-  matched by taskUUID; answers that finish while the client is away wait in its session.
-- ``GET /image/<imageUUID>.<suffix>``: stored uploads and outputs; ``GET /health``: queue and counters.
+- ``POST /v1`` (and ``/``): a JSON array of tasks; the key as ``Authorization: Bearer KEY`` (checked before the body
+  is read) or a first ``authentication`` task (then the body may hold at most ``max_auth_bytes``); the answer is
+  ``{"data": [...], "errors": [...]}`` once every task is answered. A client that leaves takes its tasks with it.
+- WebSocket ``/v1`` (and ``/``): the first message authenticates within ``auth_timeout`` s and ``max_auth_bytes``
+  (``connectionSessionUUID`` resumes a session; tasks beside it in that message are answered too); then any number
+  of task arrays, each task answered on its own as ``{"data": [item]}`` / ``{"errors": [error]}``, matched by
+  taskUUID; answers that finish while the client is away wait in its session.
+- ``GET /image/<imageUUID>.<suffix>``: stored uploads and outputs (``nosniff``); ``GET /health``: queue and counters.
+
+Without ``public_url``, imageURLs start with the request's own ``Host`` (when it is a plain host[:port]), else
+``fallback_url``.
 """
 
 import asyncio
 import json
+import logging
+import re
 
 from starlette.applications import Starlette
-from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, Response
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
-from latentup.serve.service import HTTP_STATUS, Service, message
-from latentup.serve.sessions import Sessions
+from latentup.serve.service import HTTP_STATUS, Caller, Service, message
+from latentup.serve.sessions import CLEAN_CLOSE, Sessions
 from latentup.serve.tasks import TaskError
+from latentup.serve.wire import JSONResponse, dumps
 
-AUTH_TIMEOUT = 30.0  # seconds a new socket may take to authenticate
+log = logging.getLogger("latentup.serve")
+HOST = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+)(:[0-9]{1,5})?$")
 
 
 class RequestError(Exception):
@@ -54,36 +63,80 @@ async def _receive(websocket: WebSocket) -> str | bytes:
     return frame.get("text") or frame.get("bytes") or b""
 
 
-def _auth_error(task) -> TaskError:
-    has_key = isinstance(task, dict) and task.get("apiKey")
-    return TaskError("invalidApiKey" if has_key else "missingApiKey",
-                     "invalid API key: pass a key the server was started with" if has_key else
+def _auth_error(key) -> TaskError:
+    return TaskError("invalidApiKey" if key else "missingApiKey",
+                     "invalid API key: pass a key the server was started with" if key else
                      "an API key is required: send Authorization: Bearer KEY or an authentication task first",
                      "apiKey")
 
 
-def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request_bytes: int, lifespan=None):
-    answering: set[asyncio.Task] = set()  # WebSocket tasks being answered (they outlive their socket)
+def _is_auth(task) -> bool:
+    return isinstance(task, dict) and task.get("taskType") == "authentication"
 
-    async def rest(request: Request) -> JSONResponse:
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError(TaskError("requestTooLarge", f"the request is over {limit} bytes: send fewer or "
+                                         "smaller images (or authenticate with Authorization: Bearer KEY)"))
+    return bytes(body)
+
+
+async def _until_gone(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request_bytes: int, lifespan=None, *,
+               max_auth_bytes: int = 256 * 2**10, auth_timeout: float = 5.0, public_url: str = "",
+               fallback_url: str = ""):
+    answering: set[asyncio.Task] = set()  # WebSocket answers being made or delivered (they outlive their socket)
+
+    def base_url(scope) -> str:
+        host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+        if public_url or not HOST.match(host):
+            return (public_url or fallback_url).rstrip("/")
+        return f"{'https' if scope['scheme'] in ('https', 'wss') else 'http'}://{host}"
+
+    async def rest(request: Request) -> Response:
         try:
-            body = bytearray()
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > max_request_bytes:
-                    raise RequestError(TaskError("requestTooLarge", f"the request is over {max_request_bytes} "
-                                                 "bytes: send fewer or smaller images"))
-            tasks = parse_request(bytes(body), max_tasks)
-            first = tasks[0]
-            authenticating = isinstance(first, dict) and first.get("taskType") == "authentication"
-            header = request.headers.get("authorization", "")
-            key = first.get("apiKey") if authenticating else header.removeprefix("Bearer ").strip() or None
-            if service.key_id(key) is None:
-                raise RequestError(_auth_error({"apiKey": key}))
+            header = request.headers.get("authorization")
+            if header is not None:  # the key first: nothing of the body is read for a wrong one
+                scheme, _, key = header.partition(" ")
+                key = key.strip() if scheme.lower() == "bearer" else None
+                if key is None:
+                    raise RequestError(TaskError("invalidApiKey", "the Authorization header must be 'Bearer KEY'",
+                                                 "apiKey"))
+                if service.key_id(key) is None:
+                    raise RequestError(_auth_error(key))
+                tasks = parse_request(await _read_body(request, max_request_bytes), max_tasks)
+                authenticating = _is_auth(tasks[0])
+            else:
+                tasks = parse_request(await _read_body(request, max_auth_bytes), max_tasks)
+                authenticating = _is_auth(tasks[0])
+                key = tasks[0].get("apiKey") if authenticating else None
+                if service.key_id(key) is None:
+                    raise RequestError(_auth_error(key))
         except RequestError as failure:
             return JSONResponse(message(failure.error, "authentication" if failure.error.parameter == "apiKey"
                                         else None), status_code=HTTP_STATUS.get(failure.error.code, 400))
-        answers = await asyncio.gather(*(service.answer(task) for task in tasks[1 if authenticating else 0:]))
+        except ClientDisconnect:
+            log.warning("a client left during its upload (%s)", request.client.host if request.client else "?")
+            return Response(status_code=400)
+        caller = Caller(service.key_id(key), base_url(request.scope), stays=False)
+        work = asyncio.gather(*(service.answer(task, caller) for task in tasks[1 if authenticating else 0:]),
+                              return_exceptions=True)
+        gone = asyncio.ensure_future(_until_gone(request))
+        await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
+        gone.cancel()
+        if not work.done():  # nobody will receive the answers: stop their work
+            work.cancel()
+            log.info("a REST client left before its answer: its %d task(s) stopped", len(tasks))
+            return Response(status_code=499)
+        stopped = message(TaskError("serverShuttingDown", "the server shut down before this task was done: retry"))
+        answers = [stopped if isinstance(answer, BaseException) else answer for answer in work.result()]
         data = [item for answer in answers for item in answer.get("data", [])]
         errors = [item for answer in answers for item in answer.get("errors", [])]
         if authenticating:
@@ -93,72 +146,74 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
 
     async def socket(websocket: WebSocket) -> None:
         await websocket.accept()
-        session = None
+        session, clean = None, False
         try:
-            session = await _authenticate(websocket)
+            session, tasks = await _authenticate(websocket)
             if session is None:
                 return
+            caller = Caller(session.key_id, base_url(websocket.scope), connection=websocket)
             while True:
+                for task in tasks:
+                    if _is_auth(task):
+                        await session.deliver({"data": [{"taskType": "authentication",
+                                                         "connectionSessionUUID": session.uuid}]})
+                        continue
+                    job = asyncio.ensure_future(_answer(session, task, caller))
+                    answering.add(job)
+                    job.add_done_callback(answering.discard)
                 try:
                     tasks = parse_request(await _receive(websocket), max_tasks)
                 except RequestError as failure:
                     await session.deliver(message(failure.error))
-                    continue
-                for task in tasks:
-                    if isinstance(task, dict) and task.get("taskType") == "authentication":
-                        await session.deliver({"data": [{"taskType": "authentication",
-                                                         "connectionSessionUUID": session.uuid}]})
-                        continue
-                    job = asyncio.ensure_future(_answer(session, task))
-                    answering.add(job)
-                    job.add_done_callback(answering.discard)
-        except WebSocketDisconnect:
-            pass
+                    tasks = []
+        except WebSocketDisconnect as left:
+            clean = left.code in CLEAN_CLOSE
         finally:
             if session is not None:
-                session.detach(websocket)
+                session.detach(websocket, clean)
 
-    async def _answer(session, task) -> None:
-        await session.deliver(await service.answer(task))
+    async def _answer(session, task, caller) -> None:
+        await session.deliver(await service.answer(task, caller))
 
     async def _authenticate(websocket: WebSocket):
-        """The session the first message opens or resumes, else None after answering the error."""
+        """(the session the first message opens or resumes, the other tasks of that message), else (None, [])
+        after answering the error."""
         try:
-            first = parse_request(await asyncio.wait_for(_receive(websocket), AUTH_TIMEOUT), max_tasks)[0]
+            tasks = parse_request(await asyncio.wait_for(_receive(websocket), auth_timeout), max_tasks)
         except (RequestError, asyncio.TimeoutError):
-            first = None
-        if not (isinstance(first, dict) and first.get("taskType") == "authentication"):
+            tasks = [None]
+        first = tasks[0]
+        if not _is_auth(first):
             error = TaskError("missingApiKey", 'the first message must be [{"taskType": "authentication", '
-                              '"apiKey": "..."}]', "apiKey")
+                              f'"apiKey": "..."}}] within {auth_timeout:g} s', "apiKey")
         else:
             key_id = service.key_id(first.get("apiKey"))
             if key_id is not None:
                 resume = first.get("connectionSessionUUID")
                 session = sessions.open(key_id, resume if isinstance(resume, str) else None)
-                await websocket.send_json({"data": [{"taskType": "authentication",
-                                                     "connectionSessionUUID": session.uuid}]})
+                await websocket.send_text(dumps({"data": [{"taskType": "authentication",
+                                                           "connectionSessionUUID": session.uuid}]}))
                 await session.attach(websocket)
-                return session
-            error = _auth_error(first)
-        await websocket.send_json(message(error, "authentication"))
+                return session, tasks[1:]
+            error = _auth_error(first.get("apiKey"))
+        await websocket.send_text(dumps(message(error, "authentication")))
         await websocket.close(code=1008)
-        return None
+        return None, []
 
     async def image(request: Request):
         stem, _, suffix = request.path_params["name"].partition(".")
         found = service.store.get(stem)
-        if found is None or found[0].name != request.path_params["name"]:
+        if found is None or found.path.name != request.path_params["name"]:
             error = TaskError("taskNotFound", "no such image here (or it expired)", "imageURL")
             return JSONResponse(message(error), status_code=404)
-        return FileResponse(found[0], media_type=found[1])
+        return FileResponse(found.path, media_type=found.mime, headers={"X-Content-Type-Options": "nosniff"})
 
     async def health(request: Request) -> JSONResponse:
-        batcher = service.batcher
-        return JSONResponse({"status": "draining" if service.draining else "ok", "queued": len(batcher.jobs),
-                             "running": batcher.running, "inFlight": service.in_flight, "batches": batcher.batches,
-                             "tasksRun": batcher.done, "storedImages": len(service.store)})
+        return JSONResponse({**service.health(), "sessions": len(sessions)})
 
     routes = [Route(path, rest, methods=["POST"]) for path in ("/v1", "/")]
     routes += [WebSocketRoute(path, socket) for path in ("/v1", "/")]
     routes += [Route("/image/{name}", image), Route("/health", health)]
-    return Starlette(routes=routes, lifespan=lifespan)
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.pending = lambda: sessions.owed() + len(answering)  # answers a drain waits for
+    return app

@@ -3,18 +3,27 @@
 Jobs wait in arrival order. The worker takes the oldest job plus up to ``max_batch - 1`` later ones with the same
 key (same input size and settings), waits ``batch_wait`` seconds first if the batch is not full, and runs them in
 its single model thread, so the event loop never blocks on the model and no two calls share it at once. While a
-batch runs, new jobs queue up, so batches grow with the load without any waiting. A job whose future was cancelled
-(its task timed out) is dropped before it runs.
+batch runs, new jobs queue up, so batches grow with the load without any waiting.
+
+A place in the queue is reserved (:meth:`Batcher.reserve`) before a task's input is decoded, so a full queue costs
+nothing. A job whose future was cancelled (its task timed out or its client left) is dropped before it runs; when
+every job of the running batch is cancelled, :attr:`Batcher.abandoned` is set so the model can stop early. The model
+thread is a daemon (a stuck batch never holds the process at exit) and is started again if it ever dies.
 """
 
 import asyncio
+import contextlib
+import logging
+import queue
+import threading
 from collections.abc import Callable, Hashable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+
+log = logging.getLogger("latentup.serve")
 
 
 class QueueFull(Exception):
-    """The queue holds ``max_queue`` jobs."""
+    """The queue holds ``max_queue`` jobs (reserved places included)."""
 
 
 @dataclass(eq=False)
@@ -24,27 +33,96 @@ class Job:
     future: asyncio.Future
 
 
+class ModelThread:
+    """One daemon thread that runs calls in order (``await thread.call(fn)``); a thread that dies (a BaseException
+    such as SystemExit escaped a call) starts its successor first and counts it in ``restarts``."""
+
+    def __init__(self):
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self.restarts = 0
+
+    def _start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="latentup-model", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            fn, loop, future = self._calls.get()
+            if fn is None:
+                return
+            try:
+                result, error = fn(), None
+            except BaseException as failure:  # noqa: BLE001 - handed to the caller; a BaseException ends this thread
+                result, error = None, failure
+            with contextlib.suppress(RuntimeError):  # the event loop closed meanwhile: nobody waits for it
+                loop.call_soon_threadsafe(_settle, future, result, error)
+            if error is not None and not isinstance(error, Exception):
+                self.restarts += 1
+                log.error("the model thread died (%s): started a new one (restart %d)", type(error).__name__,
+                          self.restarts)
+                self._start()
+                return
+
+    async def call(self, fn: Callable[[], object]):
+        if self._thread is None:
+            self._start()
+        future = asyncio.get_running_loop().create_future()
+        self._calls.put((fn, asyncio.get_running_loop(), future))
+        return await future
+
+    def close(self) -> None:
+        self._calls.put((None, None, None))
+
+
+def _settle(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error if isinstance(error, Exception) else RuntimeError(f"the model thread died "
+                                                                                     f"({type(error).__name__})"))
+    else:
+        future.set_result(result)
+
+
 class Batcher:
-    """``run(payloads) -> results`` (one result or exception per payload) called from one worker thread."""
+    """``run(payloads) -> results`` (one result or exception per payload) called from one model thread."""
 
     def __init__(self, run: Callable[[list], list], max_queue: int, max_batch: int, batch_wait: float = 0.0):
         self.run, self.max_queue, self.max_batch, self.batch_wait = run, max_queue, max_batch, batch_wait
         self.jobs: list[Job] = []
+        self.reserved = 0  # places held by tasks whose input is being read
         self.running = 0  # jobs in the batch being run
         self.batches = self.done = 0  # counters since start
+        self.abandoned = threading.Event()  # set while nobody waits for the running batch any more
+        self.thread = ModelThread()
+        self._current: list[Job] | None = None
         self._wakeup = asyncio.Event()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="latentup-model")
 
     def _prune(self) -> None:
         self.jobs = [job for job in self.jobs if not job.future.done()]
 
-    def full(self) -> bool:
+    def _used(self) -> int:
         self._prune()
-        return len(self.jobs) >= self.max_queue
+        return len(self.jobs) + self.reserved
 
-    def submit(self, key: Hashable, payload) -> asyncio.Future:
+    def full(self) -> bool:
+        return self._used() >= self.max_queue
+
+    def reserve(self) -> None:
+        """Hold a place for a job submitted later (``submit(..., reserved=True)``) or given back (``release``)."""
+        if self._used() >= self.max_queue:
+            raise QueueFull
+        self.reserved += 1
+
+    def release(self) -> None:
+        self.reserved -= 1
+
+    def submit(self, key: Hashable, payload, reserved: bool = False) -> asyncio.Future:
         """Queue a job; its future gets the result. QueueFull when the queue is full."""
-        if self.full():
+        if reserved:
+            self.release()
+        elif self._used() >= self.max_queue:
             raise QueueFull
         job = Job(key, payload, asyncio.get_running_loop().create_future())
         self.jobs.append(job)
@@ -59,7 +137,6 @@ class Batcher:
         return batch
 
     async def run_forever(self) -> None:
-        loop = asyncio.get_running_loop()
         while True:
             self._prune()
             if not self.jobs:
@@ -71,21 +148,36 @@ class Batcher:
                 self._prune()
                 if not self.jobs:
                     continue
-            batch = self._take()
-            self.running = len(batch)
-            try:
-                results = await loop.run_in_executor(self._executor, self.run, [job.payload for job in batch])
-            finally:
-                self.running = 0
-            self.batches += 1
-            self.done += len(batch)
-            for job, result in zip(batch, results):
-                if job.future.done():  # timed out meanwhile: already answered
-                    continue
-                if isinstance(result, BaseException):
-                    job.future.set_exception(result)
-                else:
-                    job.future.set_result(result)
+            await self._run_batch(self._take())
+
+    async def _run_batch(self, batch: list[Job]) -> None:
+        def watch(_):
+            if self._current is batch and all(job.future.done() for job in batch):
+                self.abandoned.set()
+
+        self._current = batch
+        self.abandoned.clear()
+        for job in batch:
+            job.future.add_done_callback(watch)
+        self.running = len(batch)
+        try:
+            results = await self.thread.call(lambda: self.run([job.payload for job in batch]))
+        except Exception as error:  # the model thread died under this batch: its jobs fail, the worker goes on
+            results = [error] * len(batch)
+        finally:
+            self.running, self._current = 0, None
+        self.batches += 1
+        self.done += len(batch)
+        for job, result in zip(batch, results):
+            if job.future.done():  # timed out or abandoned meanwhile: already answered
+                continue
+            if isinstance(result, BaseException):
+                job.future.set_exception(result)
+            else:
+                job.future.set_result(result)
 
     def close(self) -> None:
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        for job in self.jobs:
+            job.future.cancel()
+        self.abandoned.set()
+        self.thread.close()

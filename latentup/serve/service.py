@@ -1,56 +1,87 @@
 """The server's task handling, independent of the transport: one task object in, one response message out.
 
 Task types: ``ping``, ``imageUpload``, ``upscale`` / ``imageUpscale`` (through the task core, ``tasks.py``) and
-``getResponse``. Every taskUUID is remembered for ``store.ttl`` seconds: a reused one is refused
-(``conflictTaskUUID``) and ``getResponse`` finds its answer. Upscales wait in the :class:`Batcher`; input images are
-fetched and decoded, outputs encoded and stored, in worker threads, so the event loop never blocks.
+``getResponse``. Everything a task makes belongs to the API key that sent it (:class:`Caller`): its taskUUID
+(``records.py``), its upload and output (``store.py``). A task is checked and its place in the queue reserved before
+it is accepted (a refusal claims nothing, so its taskUUID can be sent again); inputs are fetched with async I/O and
+decoded, outputs encoded and stored, in worker threads, so the event loop never blocks. Upscales wait in the
+:class:`Batcher`; a model-side failure is the server's ``internalError``, never the client's ``invalidParameter``.
 """
 
 import asyncio
+import base64
+import copy
 import hashlib
 import hmac
+import io
 import logging
-import time
 import traceback
 from dataclasses import dataclass
 
 from latentup.errors import LatentupError
+from latentup.imageio import for_format
 from latentup.serve.batcher import Batcher, QueueFull
+from latentup.serve.limits import InFlight, Limits
+from latentup.serve.records import Record, Records
 from latentup.serve.store import ImageStore
 from latentup.serve.tasks import (UPSCALE_TYPES, Sources, TaskError, check_with_model, encode_output, error_object,
-                                  file_type, load_input, open_image, parse_header, parse_upscale,
+                                  ignored_settings, load_input, open_image, parse_header, parse_upscale,
                                   read_reference, response_item, run_batch, typed)
 
 log = logging.getLogger("latentup.serve")
 HTTP_STATUS = {"missingApiKey": 401, "invalidApiKey": 401, "taskNotFound": 404, "conflictTaskUUID": 409,
-               "requestTooLarge": 413, "queueFull": 503, "serverShuttingDown": 503, "timeoutProvider": 504,
-               "internalError": 500}
+               "requestTooLarge": 413, "rateLimitExceeded": 429, "queueFull": 503, "serverShuttingDown": 503,
+               "timeoutProvider": 504, "internalError": 500}
+PNG_MODES = ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")
 
 
 def message(error: TaskError, task_type=None, task_uuid=None) -> dict:
     return {"errors": [error_object(error, task_type, task_uuid)]}
 
 
-@dataclass
-class Record:
-    """What is known of one taskUUID: whether it is answered, and for async delivery the answer itself (a sync
-    answer goes out on its request or session and is not kept: it may carry a whole image inline)."""
+@dataclass(frozen=True)
+class Caller:
+    """Who sent a task: the API key's id (it scopes records, uploads and outputs), the base of the imageURLs it is
+    given, its connection (counted against ``max_inflight_per_connection``; None: not counted) and whether its task
+    runs on when it leaves (a WebSocket session keeps the answer; nobody receives a REST request's)."""
 
-    task_type: str
-    keep: bool = False
-    answer: dict | None = None
-    expires: float = 0.0
+    key_id: str
+    base_url: str
+    connection: object = None
+    stays: bool = True
+
+
+class Abandoned(Exception):
+    """Nobody waits for the running batch any more (its tasks timed out or their clients left)."""
+
+
+class Stoppable:
+    """A denoiser that raises :class:`Abandoned` before its next step once ``stop`` is set."""
+
+    def __init__(self, denoiser, stop):
+        self.denoiser, self.stop = denoiser, stop
+
+    def __call__(self, *args, **kwargs):
+        if self.stop.is_set():
+            raise Abandoned
+        return self.denoiser(*args, **kwargs)
+
+    def __getattr__(self, name):
+        return getattr(self.denoiser, name)
 
 
 class Service:
     def __init__(self, upscaler, store: ImageStore, batcher_options: dict, api_keys=(), fetch=None,
-                 task_timeout: float = 300.0, public_url: str = ""):
-        self.upscaler, self.store, self.public_url = upscaler, store, public_url.rstrip("/")
+                 task_timeout: float = 300.0, limits: Limits = Limits(), max_records_per_key: int = 10_000):
+        self.store, self.fetch, self.limits = store, fetch, limits
         self.keys = [key.encode() for key in api_keys]
-        self.sources = Sources(lookup=store.read, fetch=fetch)
         self.task_timeout = task_timeout
         self.batcher = Batcher(self._run, **batcher_options)
-        self.records: dict[str, Record] = {}
+        self.upscaler = copy.copy(upscaler)  # its own denoiser, which stops when nobody waits for the batch
+        self.upscaler.denoiser = Stoppable(upscaler.denoiser, self.batcher.abandoned)
+        self.records = Records(max_records_per_key)
+        self.per_key = InFlight(limits.max_inflight_per_key, "API key")
+        self.per_connection = InFlight(limits.max_inflight_per_connection, "connection")
         self.in_flight = 0  # tasks accepted and not yet answered
         self._background: set[asyncio.Future] = set()
         self.draining = False
@@ -61,7 +92,7 @@ class Service:
         is compared in constant time."""
         if not self.keys:
             return ""
-        given = key.encode() if isinstance(key, str) else b""
+        given = key.encode("utf-8", "replace") if isinstance(key, str) else b""
         matches = [hmac.compare_digest(given, known) for known in self.keys]
         return hashlib.sha256(given).hexdigest() if any(matches) else None
 
@@ -72,6 +103,8 @@ class Service:
         tasks, images = [p[0] for p in payloads], [p[1] for p in payloads]
         try:
             return run_batch(self.upscaler, tasks, images)
+        except Abandoned as error:
+            return [error] * len(payloads)
         except Exception as error:
             if len(payloads) > 1:
                 log.warning("a batch of %d failed (%s: %s): running its tasks one by one", len(payloads),
@@ -80,7 +113,7 @@ class Service:
             return [error]
 
     # tasks
-    async def answer(self, task) -> dict:
+    async def answer(self, task, caller: Caller = Caller("", "")) -> dict:
         """The response message for one task object: ``{"data": [item]}`` or ``{"errors": [error]}``."""
         task_type = task.get("taskType") if isinstance(task, dict) else None
         task_uuid = task.get("taskUUID") if isinstance(task, dict) else None
@@ -89,35 +122,70 @@ class Service:
         try:
             task_type, task_uuid = parse_header(task)
             if task_type == "getResponse":
-                return self._get_response(task_uuid)
+                return await self._get_response(caller.key_id, task_uuid)
             if self.draining:
                 raise TaskError("serverShuttingDown", "the server is shutting down: send the task to another "
                                 "server or retry later")
             if task_type not in (*UPSCALE_TYPES, "imageUpload"):
                 raise TaskError("unsupportedTaskType", f"taskType {task_type} is not served here: use upscale, "
                                 "imageUpscale, imageUpload, getResponse or ping", "taskType")
-            self._purge()
-            if task_uuid in self.records:
-                raise TaskError("conflictTaskUUID", f"taskUUID {task_uuid} was already used: give each task a new "
-                                "UUID", "taskUUID")
-            keep = task_type in UPSCALE_TYPES and task.get("deliveryMethod") == "async"
-            record = self.records[task_uuid] = Record(task_type, keep, expires=time.monotonic() + self.store.ttl)
+            work, keep = self._admit(task, task_type, task_uuid, caller)
         except TaskError as error:
             return message(error, task_type, task_uuid)
-        coroutine = self._upload if task_type == "imageUpload" else self._upscale
-        work = asyncio.ensure_future(self._guard(coroutine(task, task_type, task_uuid), task_type, task_uuid))
+        return await self._start(work, keep, task_type, task_uuid, caller)
+
+    def _admit(self, task: dict, task_type: str, task_uuid: str, caller: Caller):
+        """(the task's work, whether its answer is kept for getResponse) once every check passed and its taskUUID,
+        queue place and in-flight counts are held; a TaskError (nothing held) otherwise."""
+        if task_type == "imageUpload":
+            value, keep, reserve = self._check_upload(task), False, False
+        else:
+            parsed = parse_upscale(task, task_type, task_uuid)
+            self.limits.check_prompts(parsed)  # before any tokenizer runs over it
+            check_with_model(self.upscaler, parsed)
+            keep, reserve = parsed.delivery == "async", True
+        held = []
+        try:
+            if reserve:
+                try:
+                    self.batcher.reserve()  # before decoding: a full queue costs the server nothing
+                except QueueFull:
+                    raise TaskError("queueFull", "the queue is full: retry in a moment") from None
+                held.append(self.batcher.release)
+            self.per_key.acquire(caller.key_id)
+            held.append(lambda: self.per_key.release(caller.key_id))
+            if caller.connection is not None:
+                self.per_connection.acquire(caller.connection)
+                held.append(lambda: self.per_connection.release(caller.connection))
+            record = self.records.claim(caller.key_id, task_uuid, task_type, keep)
+        except TaskError:
+            for release in reversed(held):
+                release()
+            raise
+        if task_type == "imageUpload":
+            return self._upload(value, task_type, task_uuid, caller), keep
+        return self._upscale(parsed, caller, record), keep
+
+    async def _start(self, work, keep: bool, task_type: str, task_uuid: str, caller: Caller) -> dict:
+        job = asyncio.ensure_future(self._guard(work, task_type, task_uuid))
         self.in_flight += 1
-        self._background.add(work)
+        self._background.add(job)
 
         def finish(done):
-            record.answer = done.result() if record.keep else {}
             self.in_flight -= 1
             self._background.discard(done)
+            self.per_key.release(caller.key_id)
+            if caller.connection is not None:
+                self.per_connection.release(caller.connection)
+            failed = done.cancelled() or "errors" in done.result()
+            self.records.finish(caller.key_id, task_uuid, failed, self.store.ttl)
 
-        work.add_done_callback(finish)
-        if record.keep:  # answered by getResponse
+        job.add_done_callback(finish)
+        if keep:  # answered by getResponse
             return {"data": [{"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}]}
-        return await asyncio.shield(work)  # runs on when the caller goes away (a WebSocket session buffers it)
+        if caller.stays:
+            return await asyncio.shield(job)  # runs on when the caller goes away (a WebSocket session buffers it)
+        return await job  # cancelled with its caller: nobody would receive the answer
 
     async def _guard(self, work, task_type, task_uuid) -> dict:
         try:
@@ -131,67 +199,111 @@ class Service:
             return message(TaskError("internalError", "the server failed on this task: see its log"), task_type,
                            task_uuid)
 
-    async def _upload(self, task: dict, task_type: str, task_uuid: str) -> dict:
+    async def _read(self, value: str, parameter: str, caller: Caller) -> bytes:
+        """The bytes of an image reference: URLs fetched with async I/O, the rest read in a worker thread."""
+        if self.fetch is not None and value.startswith(("http://", "https://")):
+            return await self.fetch(value, parameter)
+        sources = Sources(lookup=lambda image_uuid: self.store.read(image_uuid, caller.key_id))
+        return await asyncio.to_thread(read_reference, value, parameter, sources)
+
+    @staticmethod
+    def _check_upload(task: dict) -> str:
         unknown = sorted(set(task) - {"taskType", "taskUUID", "image"})
         if unknown:
             raise TaskError("invalidParameter", f"{unknown[0]} is not supported in imageUpload", unknown[0])
         if "image" not in task:
             raise TaskError("missingParameter", "image is required: a data URI, base64 or URL", "image")
-        value = typed(task["image"], str, "image")
+        return typed(task["image"], str, "image")
 
-        def store():
-            data = read_reference(value, "image", self.sources)
-            open_image(data, "image")  # checked like an upscale's input
-            return self.store.put(data, *file_type(data))
+    async def _upload(self, value: str, task_type: str, task_uuid: str, caller: Caller) -> dict:
+        data = await self._read(value, "image", caller)
+
+        def store():  # what was decoded, as PNG: never the bytes as sent (trailing data, other pictures of an MPO)
+            image = open_image(data, "image")
+            image = for_format(image, "PNG")
+            buffer = io.BytesIO()
+            (image if image.mode in PNG_MODES else image.convert("RGB")).save(buffer, format="PNG")
+            return self.store.put(buffer.getvalue(), "png", "image/png", owner=caller.key_id)
 
         image_uuid, name = await asyncio.to_thread(store)
         return {"data": [{"taskType": task_type, "taskUUID": task_uuid, "imageUUID": image_uuid,
-                          "imageURL": f"{self.public_url}/image/{name}"}]}
+                          "imageURL": f"{caller.base_url}/image/{name}"}]}
 
-    async def _upscale(self, task: dict, task_type: str, task_uuid: str) -> dict:
-        parsed = parse_upscale(task, task_type, task_uuid)
-        check_with_model(self.upscaler, parsed)
-        if self.batcher.full():  # before decoding: a full queue costs the server nothing
-            raise TaskError("queueFull", "the queue is full: retry in a moment")
-        image, input_uuid = await asyncio.to_thread(load_input, parsed, self.sources)
+    async def _upscale(self, parsed, caller: Caller, record: Record) -> dict:
         try:
-            future = self.batcher.submit(parsed.batch_key(image), (parsed, image))
-        except QueueFull:
-            raise TaskError("queueFull", "the queue is full: retry in a moment") from None
+            data = await self._read(parsed.image, parsed.image_parameter, caller)
+            sources = Sources(lookup=lambda image_uuid: None)
+            image, input_uuid = await asyncio.to_thread(load_input, parsed, sources, data)
+            self.limits.check_cost(self.upscaler.settings(**parsed.settings).steps, *image.size)
+        except BaseException:
+            self.batcher.release()
+            raise
+        future = self.batcher.submit(parsed.batch_key(image), (parsed, image), reserved=True)
         try:
             output = await asyncio.wait_for(asyncio.shield(future), self.task_timeout)
         except asyncio.TimeoutError:
-            future.cancel()
+            future.cancel()  # the model stops at its next step when nobody else waits for the batch
             raise TaskError("timeoutProvider", f"the task took over {self.task_timeout:g} s: retry later or "
                             "with fewer steps") from None
+        except asyncio.CancelledError:
+            future.cancel()
+            raise
+        except Exception as error:  # the model's failure, not the client's
+            log.error("task %s: the model failed (%s: %s)", parsed.task_uuid, type(error).__name__, error)
+            raise TaskError("internalError", f"the model failed on this task ({error}): this is the server's "
+                            "fault; see its log") from None
+        ttl = min(parsed.ttl or self.store.ttl, self.store.ttl)
 
         def encode():
             data, suffix, mime = encode_output(output, parsed)
-            image_uuid, name = self.store.put(data, suffix, mime, parsed.ttl)
-            return response_item(parsed, data, mime, image_uuid, input_uuid, f"{self.public_url}/image/{name}")
+            image_uuid, name = self.store.put(data, suffix, mime, ttl, owner=caller.key_id)
+            item = response_item(parsed, data, mime, image_uuid, input_uuid, f"{caller.base_url}/image/{name}")
+            return item, image_uuid, mime
 
-        return {"data": [await asyncio.to_thread(encode)]}
+        item, image_uuid, mime = await asyncio.to_thread(encode)
+        warnings = ignored_settings(self.upscaler, parsed)
+        if warnings:
+            item["warnings"] = warnings
+        if record.keep:  # kept without its inline image, which getResponse reads back from the store
+            field = next((f for f in ("imageBase64Data", "imageDataURI") if f in item), None)
+            record.answer = {"data": [{k: v for k, v in item.items() if k != field}]}
+            record.image = (image_uuid, field, mime) if field else None
+        return {"data": [item]}
 
-    def _get_response(self, task_uuid: str) -> dict:
-        record = self.records.get(task_uuid)
+    async def _get_response(self, owner: str, task_uuid: str) -> dict:
+        record = self.records.get(owner, task_uuid)
         if record is None:
             raise TaskError("taskNotFound", f"no task {task_uuid} here (or it expired)", "taskUUID")
         if not record.keep:
             raise TaskError("taskNotFound", f"task {task_uuid} was delivered sync, on its own request: getResponse "
                             'serves tasks sent with "deliveryMethod": "async"', "taskUUID")
-        if record.answer is None:
+        if not record.done:
             return {"data": [{"taskType": record.task_type, "taskUUID": task_uuid, "status": "processing"}]}
-        return record.answer
+        if record.image is None:
+            return record.answer
+        image_uuid, field, mime = record.image
+        data = await asyncio.to_thread(self.store.read, image_uuid, owner)
+        if data is None:
+            raise TaskError("taskNotFound", f"the output of task {task_uuid} expired", "taskUUID")
+        text = base64.b64encode(data).decode()
+        return {"data": [{**record.answer["data"][0],
+                          field: text if field == "imageBase64Data" else f"data:{mime};base64,{text}"}]}
 
-    def _purge(self) -> None:
-        now = time.monotonic()
-        for key in [k for k, r in self.records.items() if r.answer is not None and r.expires < now]:
-            del self.records[key]
+    def health(self) -> dict:
+        batcher = self.batcher
+        return {"status": "draining" if self.draining else "ok", "queued": len(batcher.jobs),
+                "running": batcher.running, "inFlight": self.in_flight, "batches": batcher.batches,
+                "tasksRun": batcher.done, "modelThreadRestarts": batcher.thread.restarts,
+                "storedImages": len(self.store), "storedBytes": self.store.bytes, "records": len(self.records)}
 
     async def drain(self, pending=lambda: 0, timeout: float = 60.0) -> None:
         """Refuse new tasks, then wait (at most ``timeout`` s) until every accepted one is answered and
-        ``pending()`` (results not yet delivered) is 0."""
+        ``pending()`` (answers not yet delivered) is 0; then stop what still runs."""
         self.draining = True
-        deadline = time.monotonic() + timeout
-        while (self.in_flight or pending()) and time.monotonic() < deadline:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while (self.in_flight or pending()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
+        for job in list(self._background):
+            job.cancel()
+        self.batcher.close()

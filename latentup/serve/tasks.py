@@ -41,10 +41,14 @@ INPUT_FORMATS = ("PNG", "JPEG", "WEBP")
 OUTPUT_FORMATS = {"JPG": ("JPEG", "jpg", "image/jpeg"), "PNG": ("PNG", "png", "image/png"),
                   "WEBP": ("WEBP", "webp", "image/webp")}
 OUTPUT_TYPES = ("URL", "base64Data", "dataURI")
+DATA_URI_TYPES = ("image/png", "image/jpeg", "image/jpg", "image/webp")
+MAX_CFG_SCALE = 50  # the hosted API's range
+MAX_CLIP_SKIP = 12  # CLIP ViT-L's depth; deeper text towers are checked against the weights
 # API setting -> (Upscaler keyword, type, lowest value, highest value)
 SETTINGS = {"positivePrompt": ("prompt", str, None, None), "negativePrompt": ("negative_prompt", str, None, None),
             "seed": ("seed", int, 0, MAX_SEED), "steps": ("steps", int, 1, MAX_STEPS),
-            "CFGScale": ("cfg_scale", float, 0, None), "clipSkip": ("clip_skip", int, 0, None)}
+            "CFGScale": ("cfg_scale", float, 0, MAX_CFG_SCALE), "clipSkip": ("clip_skip", int, 0, MAX_CLIP_SKIP)}
+TEXT_SETTINGS = ("positivePrompt", "negativePrompt", "CFGScale", "clipSkip")  # no effect with text-free weights
 COMPATIBILITY_SETTINGS = ("colorFix", "tileDiffusion")  # booleans the SDK lists for this model; accepted, no effect
 UPSCALE_FIELDS = {"taskType", "taskUUID", "model", "inputs", "inputImage", "upscaleFactor", "settings", "outputType",
                   "outputFormat", "outputQuality", "includeCost", "deliveryMethod", "ttl"}
@@ -142,6 +146,10 @@ def _choice(task: dict, name: str, choices, default: str) -> str:
 def _image_reference(task: dict) -> tuple[str, str]:
     if "inputs" in task:
         inputs = typed(task["inputs"], dict, "inputs")
+        unknown = sorted(set(inputs) - {"image"})
+        if unknown:
+            raise TaskError("invalidParameter", f"inputs.{unknown[0]} is not supported by {MODEL_AIR}: use "
+                            "inputs.image only", f"inputs.{unknown[0]}")
         if "image" in inputs:
             return typed(inputs["image"], str, "inputs.image"), "inputs.image"
         if "inputImage" not in task:
@@ -241,6 +249,9 @@ def read_reference(value: str, parameter: str, sources: Sources) -> bytes:
         if not head.endswith(";base64"):
             raise TaskError("invalidParameter", f"{parameter} is a data URI without ;base64: encode the image as "
                             "data:image/png;base64,...", parameter)
+        if head[5:].partition(";")[0].lower() not in DATA_URI_TYPES:
+            raise TaskError("invalidParameter", f"{parameter} is a data URI of type {_show(head[5:-7])}: send "
+                            f"{', '.join(DATA_URI_TYPES)}", parameter)
     elif sources.allow_paths and _is_file(value):
         if Path(value).stat().st_size > sources.max_bytes:
             raise TaskError("invalidParameter", f"{parameter} file is over {sources.max_bytes} bytes", parameter)
@@ -277,15 +288,18 @@ def open_image(data: bytes, parameter: str) -> Image.Image:
                         f"({type(error).__name__})", parameter) from None
 
 
-def file_type(data: bytes) -> tuple[str, str]:
-    """(suffix, MIME type) of image bytes that :func:`open_image` accepted."""
-    with Image.open(io.BytesIO(data), formats=INPUT_FORMATS) as image:
-        return next((suffix, mime) for fmt, suffix, mime in OUTPUT_FORMATS.values() if fmt == image.format)
+def ignored_settings(upscaler, task: UpscaleTask) -> list[str]:
+    """One line per setting the weights ignore (prompts and guidance with text-free weights), for ``warnings``."""
+    if upscaler.text is not None:
+        return []
+    names = [api for api in TEXT_SETTINGS if SETTINGS[api][0] in task.settings]
+    return [f"settings.{name} has no effect: these weights take no text" for name in names]
 
 
-def load_input(task: UpscaleTask, sources: Sources) -> tuple[Image.Image, str]:
-    """(input image, inputImageUUID): the referenced UUID, else one derived from the input's bytes."""
-    data = read_reference(task.image, task.image_parameter, sources)
+def load_input(task: UpscaleTask, sources: Sources, data: bytes | None = None) -> tuple[Image.Image, str]:
+    """(input image, inputImageUUID): the referenced UUID, else one derived from the input's bytes (``data``: the
+    bytes, already read)."""
+    data = read_reference(task.image, task.image_parameter, sources) if data is None else data
     image = open_image(data, task.image_parameter)
     input_uuid = task.image if is_uuid(task.image) else str(uuid.UUID(bytes=hashlib.sha256(data).digest()[:16],
                                                                        version=4))
