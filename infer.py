@@ -39,7 +39,7 @@ def _default_output(source: Path, suffix: str | None = None) -> Path:
 
 def _settings(cfg: DictConfig) -> dict:
     keys = ("prompt", "negative_prompt", "seed", "steps", "cfg_scale", "sampler", "schedule", "clip_skip",
-            "noise_level", "colour_fix", "back_projection")
+            "noise_level", "colour_fix", "back_projection", "restore")
     return {k: cfg[k] for k in keys}
 
 
@@ -123,7 +123,7 @@ def run(cfg: DictConfig) -> None:
     if source.suffix == ".safetensors" and not source.is_dir():
         latent = load_latent(source)
         output = _path(cfg.output) if cfg.output else _default_output(source)
-        for name in ("colour_fix", "back_projection"):
+        for name in ("colour_fix", "back_projection", "restore"):
             if settings[name]:
                 raise ConfigError(f"{name} acts on images, but a latent input gives a latent output: drop {name}")
         if output.suffix != ".safetensors":

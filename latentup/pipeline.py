@@ -1,8 +1,10 @@
 """The user-facing 2x upscaler: image or SD latent in, 2x image or latent out.
 
-    image --encode--> low-res latent z (SD-scaled) --(text, seed)--> x ~ N(0, sigma_max^2)
+    image --clean--> (picture inputs, ``restore``: the weights' cleaner removes wear, ``latentup.nn.cleaner``)
+          --encode--> low-res latent z (SD-scaled) --(text, seed)--> x ~ N(0, sigma_max^2)
           --sampler(D, sigmas)--> 2x latent --decode--> image
-          --> back-projection (picture inputs, ``back_projection`` > 0: the output made to downscale to the picture)
+          --> back-projection (picture inputs, ``back_projection`` > 0: the output made to downscale to the (cleaned)
+              picture)
           --> colour fix (image outputs, ``colour_fix`` > 0: the low band of the input's pixels, ``latentup.colour_fix``)
 
 With the released weights, ``sampler="euler"``, ``schedule="log_linear"`` and the same seed, prompt and guidance,
@@ -37,8 +39,9 @@ from latentup.diffusion.precond import KarrasDenoiser
 from latentup.diffusion.sampling import sample
 from latentup.diffusion.schedules import make_sigmas
 from latentup.diffusion.tiling import TiledDenoiser
-from latentup.errors import ConfigError, InputError
+from latentup.errors import ConfigError, InputError, WeightsMismatchError
 from latentup.imageio import from_tensor, list_images, load_image, pad_to_multiple, split_alpha, to_tensor
+from latentup.nn.cleaner import Cleaner, CleanerConfig
 from latentup.nn.unet import UNet
 from latentup.nn.winograd import Conv3x3
 from latentup.seeds import image_seed
@@ -88,8 +91,9 @@ class Upscaler:
     """
 
     def __init__(self, unet: UNet, autoencoder: Autoencoder, text=None, noise_fourier=None, meta: dict | None = None,
-                 **speed):
-        """``speed``: the knobs of :class:`latentup.settings.Speed`. The modules are shared, never changed."""
+                 cleaner: Cleaner | None = None, **speed):
+        """``speed``: the knobs of :class:`latentup.settings.Speed`; ``cleaner`` restores worn pictures (setting
+        ``restore``). The modules are shared, never changed."""
         config = unet.config
         if autoencoder.latent_channels != config.in_channels // 2:
             raise ConfigError(f"the autoencoder makes {autoencoder.latent_channels}-channel latents but these weights "
@@ -105,6 +109,7 @@ class Upscaler:
             raise ConfigError(f"unet_tile must be a multiple of {align} for these weights, got {tile}: "
                               f"e.g. unet_tile={max(align, tile // align * align)}")
         self.text, self.noise_fourier, self.meta = text, noise_fourier, meta or {}
+        self.cleaner = None if cleaner is None else _sharing_weights(cleaner).eval()
         self.unet, self.autoencoder = _sharing_weights(unet).eval(), _sharing_weights(autoencoder).eval()
         self.autoencoder.tile_size = self.speed.vae_tile
         winograd = self.speed.winograd
@@ -123,7 +128,7 @@ class Upscaler:
     def with_options(self, **speed) -> "Upscaler":
         """A new Upscaler over the same weights with these speed knobs (:class:`latentup.settings.Speed`) changed
         and the others kept; this one is left as it is."""
-        return Upscaler(self.unet, self.autoencoder, self.text, self.noise_fourier, self.meta,
+        return Upscaler(self.unet, self.autoencoder, self.text, self.noise_fourier, self.meta, self.cleaner,
                         **{**asdict(self.speed), **speed})
 
     @property
@@ -161,9 +166,17 @@ class Upscaler:
             text = CLIPTextConditioner.from_hf(text, tokenizer=parts.tokenizer)
         if text is not None:
             text = text.to(device, dtype)
+        cleaner = None
+        if parts.cleaner_state is not None:  # small: float32 on every device
+            try:
+                config = CleanerConfig(**parts.meta["cleaner"])
+            except TypeError as error:
+                raise WeightsMismatchError(f"{weights}: unusable cleaner config ({error}); export the weights "
+                                           "again") from None
+            cleaner = build_strict(lambda: Cleaner(config), parts.cleaner_state, "cleaner", torch.float32).to(device)
         layout = torch.channels_last if knobs.channels_last else torch.contiguous_format
         return cls(unet.to(memory_format=layout), vae.to(device, dtype, memory_format=layout), text,
-                   parts.noise_fourier, parts.meta, **speed)
+                   parts.noise_fourier, parts.meta, cleaner, **speed)
 
     def settings(self, **given) -> Settings:
         """Settings from the caller's values, else the weights' recommended ones, else the defaults."""
@@ -171,6 +184,9 @@ class Upscaler:
         settings = Settings(**{**recommended, **{k: v for k, v in given.items() if v is not None}}).validate()
         if self.text is not None:
             self.text.context_layer(settings.clip_skip)  # clip_skip beyond the text tower's layers fails here
+        if settings.restore and self.cleaner is None:
+            raise ConfigError("restore=true needs weights with a cleaner (the bundled model has one): "
+                              "drop restore or pass such weights")
         return settings
 
     # ---- the one path: (pixels ->) latent -> sampler -> latent (-> pixels) -------------------------------------
@@ -293,13 +309,18 @@ class Upscaler:
         """RGB pictures [B, 3, h, w] in [0, 1] (any size; reflect-padded to the size rule) -> their 2x upscales
         [B, 3, 2h, 2w] in [0, 1], float32: the picture path of ``upscale_images`` (sample i encoded and sampled
         with its own generator; with ``colour_fix`` > 0 the low band comes from the pictures themselves, and with
-        ``back_projection`` > 0 the result is made to downscale to them, ``latentup.colour_fix``)."""
+        ``back_projection`` > 0 the result is made to downscale to them, ``latentup.colour_fix``). With ``restore``
+        the weights' cleaner first removes the pictures' wear, and the fixes take the cleaned pictures."""
         s = self.settings(**settings)
         factor = 4 * self.autoencoder.downscale
-        padded, (h, w) = pad_to_multiple(pixels, factor, 2 * factor)
-        padded = padded.to(self.device)
         generators = self._generators(self._seeds(s.seed, len(pixels)))
-        with _job(progress, s.steps + 2, len(pixels)) as bar:
+        with _job(progress, s.steps + 2 + s.restore, len(pixels)) as bar:
+            pixels = pixels.to(self.device)
+            if s.restore:
+                bar.set_description_str("clean")
+                pixels = self.cleaner(pixels.float())
+                bar.update()
+            padded, (h, w) = pad_to_multiple(pixels, factor, 2 * factor)
             bar.set_description_str("encode")
             latent = self.autoencoder.encode(self._layout(padded.to(dtype=self.dtype)), generator=generators)
             bar.update()

@@ -158,6 +158,16 @@ class Degradation:
             stages.append((ops, stage.get("shuffle", False)))
         return cls(stages, clean) if stages else None
 
+    def describe(self) -> str:
+        """One line, e.g. ``grain sigma 5-15, then jpeg quality 50-80``."""
+        def op(o: Op) -> str:
+            ranges = " ".join(f"{k} {lo:g}" + (f"-{hi:g}" if hi != lo else "") for k, (lo, hi) in o.ranges.items())
+            return f"{o.name} {ranges}" + (f" (p {o.p:g})" if o.p < 1 else "")
+
+        stages = [("in a random order: " if shuffle and len(ops) > 1 else "") + ", then ".join(map(op, ops))
+                  for ops, shuffle in self.stages]
+        return (f"clean with p {self.clean:g}, else " if self.clean else "") + "; next stage ".join(stages)
+
     def __call__(self, image: Image.Image, rng: np.random.Generator) -> tuple[Image.Image, list[tuple[str, dict]]]:
         image, applied = image.convert("RGB"), []
         if rng.random() < self.clean:

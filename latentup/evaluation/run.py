@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from latentup.atomic import write_text_atomic
+from latentup.data.degradation import Degradation
 from latentup.autoencoders import Autoencoder, load_autoencoder
 from latentup.devices import resolve_device
 from latentup.errors import ConfigError, InputError, WeightsNotFoundError
@@ -32,7 +33,7 @@ from latentup.evaluation.protocol import (BASELINES, PictureRow, check_align, hr
                                           reconstruct)
 from latentup.evaluation.report import (add_features, append_records, read_features, read_records, summarize,
                                         write_summary)
-from latentup.seeds import image_seed
+from latentup.seeds import image_seed, mix_seed
 from latentup.settings import check_int
 
 # A model row: ``upscale(lr_latent, seed=[seed per sample]) -> image`` (SD-scaled latent in, [0, 1] image out), or
@@ -41,8 +42,10 @@ ModelRow = Callable[..., torch.Tensor]
 CSV_NAME, SETTINGS_NAME = "per_image.csv", "settings.json"
 
 
-def protocol_line(align: int, border: int, autoencoder: str, lpips: bool, fid: bool = False) -> str:
-    return (f"HR: centre crop to multiples of {align} px; LR: PIL bicubic x0.5; autoencoder: {autoencoder}; "
+def protocol_line(align: int, border: int, autoencoder: str, lpips: bool, fid: bool = False,
+                  wear: str | None = None) -> str:
+    worn = f", then worn ({wear}; seeded per image; every row scored against the clean HR)" if wear else ""
+    return (f"HR: centre crop to multiples of {align} px; LR: PIL bicubic x0.5{worn}; autoencoder: {autoencoder}; "
             f"outputs float32, not quantised. PSNR/SSIM in float64 on 0..255 with a {border}-px border crop "
             "(Y = BT.601 16 + 65.481 R + 128.553 G + 24.966 B); SSIM Gaussian 11x11, sigma 1.5; "
             + ("LPIPS v0.1 AlexNet on the full image, [-1, 1]. " if lpips else "LPIPS off. ")
@@ -129,9 +132,11 @@ def evaluate(
     settings: dict | None = None,
     autoencoder_name: str = "autoencoder",
     inception: FIDInceptionV3 | None = None,
+    degradation: Degradation | None = None,
 ) -> dict:
     """Evaluate every row on every image of ``sets`` ({name: folder}); returns the summary (set means, and each
-    row's FID / KID against the HR crops when ``inception`` is given).
+    row's FID / KID against the HR crops when ``inception`` is given). With ``degradation`` the LR of image i is
+    worn (seeded by ``mix_seed(seed, i)``) before every row sees it, and the rows are scored against the clean HR.
 
     Writes ``per_image.csv``, ``results.md``, ``summary.json`` and ``grids/<set>/<image>.png`` (first ``grids``
     images of each set) under ``output_dir``, and ``features/<set>/<image>.safetensors`` with ``inception``.
@@ -165,6 +170,8 @@ def evaluate(
         bar = tqdm(total=sum(map(len, pending)), desc=name, unit="img", disable=not progress)
         for batch in filter(None, pending):
             pairs = [load_pair(paths[i], align) for i in batch]
+            if degradation is not None:
+                pairs = [(hr, degradation.tensor(lr, mix_seed(seed, i))) for (hr, lr), i in zip(pairs, batch)]
             hr, lr = torch.stack([p[0] for p in pairs]), torch.stack([p[1] for p in pairs])
             seeds = [image_seed(seed, i) for i in batch]
             run = {row: up for row, up in models.items() if any((i, row) in missing for i in batch)}
@@ -196,7 +203,8 @@ def evaluate(
             for row, values in summary[name]["rows"].items():
                 values.update(set_distances(torch.stack([s["HR"] for s in stored]),
                                             torch.stack([s[row] for s in stored]), seed))
-    protocol = protocol_line(align, metrics.border, autoencoder_name, metrics.lpips is not None, inception is not None)
+    protocol = protocol_line(align, metrics.border, autoencoder_name, metrics.lpips is not None, inception is not None,
+                             degradation.describe() if degradation is not None else None)
     write_summary(folder, summary, {**(settings or {}), "align": align, "seed": seed, "sets": list(files)}, protocol)
     return summary
 
@@ -245,8 +253,13 @@ def from_config(cfg) -> dict:
     resolve_dtype(cfg.dtype, device)
     check_loop(cfg.align, cfg.batch_size, cfg.grids, border=cfg.border, grid_tile=cfg.grid_tile, limit=cfg.limit,
                seed=cfg.seed)
+    from omegaconf import OmegaConf
+
     sampling = {"steps": cfg.steps, "sampler": cfg.sampler, "cfg_scale": cfg.cfg_scale, "prompt": cfg.prompt,
-                "colour_fix": cfg.colour_fix, "back_projection": cfg.back_projection}
+                "colour_fix": cfg.colour_fix, "back_projection": cfg.back_projection, "restore": cfg.restore}
+    wear_config = cfg.get("degradation")
+    wear_config = None if wear_config is None else OmegaConf.to_container(wear_config, resolve=True)
+    degradation = Degradation.from_config(wear_config)
     Settings(**{k: v for k, v in {**sampling, "seed": cfg.seed}.items() if v is not None}).validate()
     names = [cfg.sets] if isinstance(cfg.sets, str) else list(cfg.sets or [])
     if not names:
@@ -268,9 +281,9 @@ def from_config(cfg) -> dict:
     models = load_models(checkpoints, autoencoder, device=device, dtype=cfg.dtype, pictures=cfg.picture_rows,
                          **sampling)
     settings = {"autoencoder": spec, "lpips": bool(cfg.lpips), "fid": str(cfg.fid) if cfg.fid else None,
-                "dtype": str(cfg.dtype), **sampling,
+                "dtype": str(cfg.dtype), **sampling, **({"degradation": wear_config} if degradation else {}),
                 "checkpoints": {name: str(p) for name, p in zip(
                     [name for name, row in models.items() if not isinstance(row, PictureRow)], checkpoints)}}
     return evaluate(autoencoder, sets, cfg.output_dir, metrics, models, align=cfg.align, batch_size=cfg.batch_size,
                     seed=cfg.seed, grids=cfg.grids, grid_tile=cfg.grid_tile, limit=cfg.limit, progress=cfg.progress,
-                    settings=settings, autoencoder_name=spec, inception=inception)
+                    settings=settings, autoencoder_name=spec, inception=inception, degradation=degradation)

@@ -17,10 +17,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from latentup.atomic import write_atomic
-from latentup.errors import ConfigError
+from latentup.errors import ConfigError, WeightsMismatchError
 from latentup.nn.cleaner import Cleaner, CleanerConfig
 from latentup.training.ema import ema_decay, ema_update
 from latentup.training.one_step import Clock
@@ -68,6 +69,28 @@ def save_cleaner(path: Path, cleaner: Cleaner, meta: dict) -> Path:
     metadata = {"format": CLEANER_FORMAT, "cleaner_config": json.dumps(cleaner.config_dict()),
                 "meta": json.dumps(meta)}
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+
+def load_cleaner(path: str | Path) -> tuple[dict, dict]:
+    """(config, state) of a cleaner file written by :func:`save_cleaner`."""
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != CLEANER_FORMAT:
+            raise WeightsMismatchError(f"{path} is not a latentup cleaner file (format={metadata.get('format')!r})")
+        state = {k[len("cleaner."):]: f.get_tensor(k) for k in f.keys()}
+    return json.loads(metadata["cleaner_config"]), state
+
+
+def bundle(upscaler: str | Path, cleaner: str | Path, output: str | Path, recommended: dict | None = None) -> Path:
+    """A latentup upscaler file with ``cleaner``'s weights added (replacing any it had), and its recommended
+    settings updated with ``recommended`` (e.g. ``{"restore": True}``)."""
+    from latentup.weights.single_file import load_upscaler, save_upscaler
+
+    file = load_upscaler(upscaler)
+    config, state = load_cleaner(cleaner)
+    meta = {**file.meta, "cleaner": config,
+            "recommended": {**file.meta.get("recommended", {}), **(recommended or {})}}
+    return save_upscaler(output, file.unet_state, file.unet_config, file.noise_fourier, meta, cleaner_state=state)
 
 
 def train_cleaner(recipe: CleanerRecipe, batches: Callable[[int], Iterator[dict]], run_dir: str | Path, *,

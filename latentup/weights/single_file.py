@@ -1,9 +1,11 @@
 """latentup's portable single-file format: one safetensors file holding an upscaler and its config.
 
-Tensors: ``unet.<diffusers key>`` (the U-Net, usually EMA weights) and, when the model was trained with noise
-augmentation, ``noise_fourier.weight`` [n, 1] (the fixed low-res noise-level Fourier weights).
+Tensors: ``unet.<diffusers key>`` (the U-Net, usually EMA weights), when the model was trained with noise
+augmentation ``noise_fourier.weight`` [n, 1] (the fixed low-res noise-level Fourier weights), and optionally
+``cleaner.<key>`` (``latentup.nn.cleaner``: restores worn pictures before they are upscaled; its config is
+``meta["cleaner"]``).
 Metadata (strings): ``format`` = ``latentup.upscaler/1``, ``unet_config`` (UNetConfig fields as JSON), ``meta``
-(JSON: autoencoder, text encoder, training summary, recommended sampler settings).
+(JSON: autoencoder, text encoder, training summary, recommended sampler settings, cleaner config).
 """
 
 import json
@@ -26,15 +28,21 @@ class UpscalerFile:
     unet_state: dict[str, torch.Tensor]
     noise_fourier: torch.Tensor | None = None
     meta: dict = field(default_factory=dict)
+    cleaner_state: dict[str, torch.Tensor] | None = None
 
 
-def save_upscaler(path, unet_state, unet_config: dict, noise_fourier=None, meta: dict | None = None, dtype=None) -> Path:
-    """Write the file atomically (temp file + rename); ``dtype`` optionally casts floating tensors (e.g. fp16)."""
+def save_upscaler(path, unet_state, unet_config: dict, noise_fourier=None, meta: dict | None = None, dtype=None,
+                  cleaner_state: dict | None = None) -> Path:
+    """Write the file atomically (temp file + rename); ``dtype`` optionally casts floating tensors (e.g. fp16);
+    ``cleaner_state`` (with its config in ``meta["cleaner"]``) adds a cleaner."""
+    if (cleaner_state is None) != ("cleaner" not in (meta or {})):
+        raise ValueError("a cleaner needs both its tensors and meta['cleaner'] (its config)")
     def cast(t: torch.Tensor) -> torch.Tensor:
         t = t.detach().cpu().contiguous()
         return t.to(dtype) if dtype is not None and t.is_floating_point() else t
 
     tensors = {f"unet.{k}": cast(v) for k, v in unet_state.items()}
+    tensors.update({f"cleaner.{k}": cast(v) for k, v in (cleaner_state or {}).items()})
     if noise_fourier is not None:
         tensors["noise_fourier.weight"] = noise_fourier.detach().cpu().float().contiguous()
     metadata = {"format": FORMAT, "unet_config": json.dumps(unet_config), "meta": json.dumps(meta or {})}
@@ -69,4 +77,8 @@ def load_upscaler(path) -> UpscalerFile:
         raise WeightsMismatchError(f"{path}: latentup metadata unet_config and meta must be JSON objects; "
                                    "export the weights again (train.py stage=export)")
     unet = {k[len("unet."):]: v for k, v in tensors.items() if k.startswith("unet.")}
-    return UpscalerFile(config, unet, tensors.get("noise_fourier.weight"), meta)
+    cleaner = {k[len("cleaner."):]: v for k, v in tensors.items() if k.startswith("cleaner.")}
+    if bool(cleaner) != isinstance(meta.get("cleaner"), dict):
+        raise WeightsMismatchError(f"{path}: cleaner tensors and the cleaner config (meta['cleaner']) must come "
+                                   "together; export the weights again")
+    return UpscalerFile(config, unet, tensors.get("noise_fourier.weight"), meta, cleaner or None)

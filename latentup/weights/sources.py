@@ -29,6 +29,7 @@ class UpscalerParts:
     text_encoder: Path | None = None  # a HF CLIPTextModel folder
     tokenizer: Path | None = None  # a HF tokenizer folder
     meta: dict = field(default_factory=dict)
+    cleaner_state: dict[str, torch.Tensor] | None = None  # a cleaner for worn pictures (config: meta["cleaner"])
 
 
 def checked_config(make_config, state: dict, source) -> UNetConfig:
@@ -112,6 +113,7 @@ def resolve_weights(weights) -> UpscalerParts:
             file.noise_fourier,
             autoencoder=file.meta.get("autoencoder"),
             meta=file.meta,
+            cleaner_state=file.cleaner_state,
         )
     from latentup.weights.kdiffusion import load_kdiffusion_checkpoint
 
