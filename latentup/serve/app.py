@@ -14,6 +14,7 @@ Without ``public_url``, imageURLs start with the request's own ``Host`` (when it
 """
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
@@ -133,6 +134,8 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
         gone.cancel()
         if not work.done():  # nobody will receive the answers: stop their work
             work.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await work
             log.info("a REST client left before its answer: its %d task(s) stopped", len(tasks))
             return Response(status_code=499)
         stopped = message(TaskError("serverShuttingDown", "the server shut down before this task was done: retry"))
