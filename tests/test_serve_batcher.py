@@ -38,3 +38,32 @@ def test_batches_by_key_bounded_and_skips_cancelled():
     results = asyncio.run(main())
     assert results == [10, 20, 30, 40, 70]
     assert calls == [[1], [2, 4], [3, "bad"], [7]]  # oldest first, same keys together, at most max_batch
+
+
+def test_a_dead_model_thread_is_restarted_and_reserved_places_count():
+    """Issue 29.6: a call that kills the model thread (a BaseException) fails its batch only; the next batch runs on
+    a new thread, counted in ``restarts`` (what /health reports). Issue 29.2: reserved places fill the queue."""
+
+    def run(payloads):
+        if payloads == ["die"]:
+            raise SystemExit
+        return [p * 10 for p in payloads]
+
+    async def main():
+        batcher = Batcher(run, max_queue=2, max_batch=1)
+        worker = asyncio.ensure_future(batcher.run_forever())
+        with pytest.raises(RuntimeError, match="model thread died"):
+            await batcher.submit("a", "die")
+        after = await batcher.submit("a", 4)
+        batcher.reserve()
+        batcher.reserve()
+        with pytest.raises(QueueFull):
+            batcher.submit("a", 5)
+        future = batcher.submit("a", 6, reserved=True)
+        batcher.release()
+        result = await future
+        worker.cancel()
+        batcher.close()
+        return after, result, batcher.thread.restarts
+
+    assert asyncio.run(main()) == (40, 60, 1)

@@ -2,5 +2,6 @@
 
 ``tasks`` is the one task core (parse -> validate -> run -> encode) shared by ``infer.py task=`` and the server;
 ``python -m latentup.serve`` runs the server (``app``: transports, ``service``: task handling, ``batcher``: the
-queue in front of the model, ``store``: outputs, ``sessions``: resumable WebSocket sessions, ``fetch``: allowed URLs).
+queue in front of the model, ``store``: uploads and outputs, ``records``: taskUUIDs, ``sessions``: resumable
+WebSocket sessions, ``limits``: what a task may cost, ``fetch``: allowed URLs, ``wire``: the JSON that goes out).
 """
