@@ -29,6 +29,9 @@ class Cleaner(nn.Module):
             layers += [nn.ReLU(inplace=True), nn.Conv2d(config.width, config.width, 3, padding=1)]
         layers += [nn.ReLU(inplace=True), nn.Conv2d(config.width, 12, 3, padding=1)]
         self.body = nn.Sequential(*layers)
+        for conv in layers[:-1:2]:  # He initialisation (the default one let ReLUs die under the wear's gradients)
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
         nn.init.zeros_(layers[-1].weight)  # starts as the identity
         nn.init.zeros_(layers[-1].bias)
 
