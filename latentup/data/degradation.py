@@ -27,10 +27,11 @@ import numpy as np
 import torch
 from PIL import Image, ImageFilter
 
+from latentup.config_files import config_dir
 from latentup.errors import ConfigError
 
 RESAMPLE = (Image.BILINEAR, Image.BICUBIC, Image.BOX)
-CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "degradation"
+CONFIGS = config_dir("degradation")
 
 
 def blur(image: Image.Image, sigma: float) -> Image.Image:
