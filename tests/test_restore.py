@@ -34,10 +34,10 @@ def files(tmp_path_factory):
     plain = save_upscaler(root / "plain.safetensors", UNet(config).state_dict(), dataclasses.asdict(config),
                           meta={"autoencoder": "taesd", "recommended": {"steps": 2}})
     cleaner = Cleaner(CleanerConfig(width=8, depth=3))
-    torch.nn.init.normal_(cleaner.body[-1].weight, std=0.05)
+    torch.nn.init.normal_(cleaner.body[-1].weight, std=0.2)
     cleaner.load_state_dict({k: v.half().float() for k, v in cleaner.state_dict().items()})  # as stored (fp16)
     exported = save_cleaner(root / "cleaner.safetensors", cleaner, {"training": {}})
-    with_cleaner = bundle(plain, exported, root / "with_cleaner.safetensors", {"restore": True})
+    with_cleaner = bundle(plain, exported, root / "with_cleaner.safetensors", {"restore": True, "back_projection": 5})
     return plain, with_cleaner, cleaner.eval()
 
 
@@ -116,3 +116,36 @@ def test_worn_rows_wear_the_lr_and_score_against_the_clean_hr(tmp_path):
     assert "worn (jpeg quality 20-60" in (tmp_path / "worn" / "results.md").read_text()
     with pytest.raises(ConfigError, match="other settings.*degradation"):
         run("worn", "degradation=pixelate")
+
+
+def test_infer_picture_and_task_give_the_same_restored_pixels(files, tmp_path):
+    """One core: ``infer.py input=`` and ``infer.py task=`` (the server's task path) clean the picture alike, and
+    back-project onto the cleaned picture (both recommended by the file)."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    import numpy as np
+
+    _, path, _ = files
+    photo = Image.open(EVAL / "Set5" / "bird.png").convert("RGB").resize((64, 48))
+    photo.save(tmp_path / "in.png")
+    task = [{"taskType": "upscale", "taskUUID": str(uuid.uuid4()), "model": "runware:502@1",
+             "inputs": {"image": str(tmp_path / "in.png")}, "settings": {"seed": 3}, "outputFormat": "PNG"}]
+    (tmp_path / "tasks.json").write_text(json.dumps(task))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    common = [sys.executable, str(REPO / "infer.py"), f"weights={path}", "progress=false"]
+    for extra in ([f"input={tmp_path / 'in.png'}", f"output={tmp_path / 'direct.png'}", "seed=3"],
+                  [f"task={tmp_path / 'tasks.json'}", f"output={tmp_path / 'task'}", "task_paths=true"]):
+        done = subprocess.run(common + extra, capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+        assert done.returncode == 0, done.stderr
+    [line] = done.stdout.splitlines()
+    task_png = json.loads(line)["data"][0]["imageURL"].removeprefix("file://")
+    direct, via_task = (np.asarray(Image.open(p), dtype=np.int16) for p in (tmp_path / "direct.png", task_png))
+    assert direct.shape == (96, 128, 3) and np.abs(direct - via_task).max() <= 1
+    unrestored = subprocess.run(common + [f"input={tmp_path / 'in.png'}", f"output={tmp_path / 'plain.png'}",
+                                          "seed=3", "restore=false"], capture_output=True, text=True, cwd=REPO,
+                                env=env, timeout=600)
+    assert unrestored.returncode == 0, unrestored.stderr
+    assert np.abs(np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16) - direct).max() > 8
