@@ -22,7 +22,7 @@ import websockets
 from PIL import Image
 
 from conftest import REPO
-from test_serve import BEARER, KEY, decoded, pipeline_dir, post, start_server, task, wait_in_flight  # noqa: F401
+from test_serve import BEARER, KEY, pipeline_dir, post, start_server, task, wait_in_flight  # noqa: F401
 from test_tasks import png_base64
 
 OTHER = "other-key"  # a second tenant
@@ -482,8 +482,8 @@ def test_text_free_weights_on_a_public_host(tmp_path):
 
 
 def test_model_failure_is_a_server_error(pipeline_dir, tmp_path):  # noqa: F811
-    """29.6, 30.4: weights that pass the loader's checks but overflow to inf give internalError (500), not the client's invalidParameter; the server
-    keeps answering; an idle SIGTERM exits 0 at once."""
+    """29.6, 30.4: weights that pass the loader's checks but overflow to inf give internalError (500), not the
+    client's invalidParameter; the server keeps answering; an idle SIGTERM exits 0 at once."""
     from safetensors.torch import load_file, save_file
 
     broken = shutil.copytree(pipeline_dir, tmp_path / "broken")
