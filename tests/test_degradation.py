@@ -10,7 +10,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from conftest import SHARED
-from latentup.data.degradation import CONFIGS, Degradation, Op, jpeg, load_degradation
+from latentup.data.degradation import CONFIGS, Degradation, jpeg, load_degradation
 from latentup.errors import ConfigError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,7 +131,7 @@ def test_prepared_pairs_wear_only_the_lr_side(tmp_path):
     wear = {"stages": [{"ops": {"grain": {"sigma": 12}}}]}
     clean = prepare_pairs(PrepareSettings(**common), tmp_path / "clean", taesd, progress=False)
     worn = prepare_pairs(PrepareSettings(**common, degradation=wear), tmp_path / "worn", taesd, progress=False)
-    again = prepare_pairs(PrepareSettings(**common, degradation=wear), tmp_path / "again", taesd, progress=False)
+    prepare_pairs(PrepareSettings(**common, degradation=wear), tmp_path / "again", taesd, progress=False)
     assert "degradation" not in clean["settings"] and worn["settings"]["degradation"] == wear
     a, b, c = (LatentShardDataset(tmp_path / name) for name in ("clean", "worn", "again"))
     assert len(a) == len(b) == 4

@@ -22,16 +22,16 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from latentup.atomic import write_atomic
-from latentup.errors import ConfigError, WeightsMismatchError
+from latentup.errors import WeightsMismatchError
 from latentup.nn.cleaner import Cleaner, CleanerConfig
 from latentup.training.ema import ema_decay, ema_update
-from latentup.training.one_step import Clock
+from latentup.training.budget import Clock, RecipeFile, resume
 
 CLEANER_FORMAT = "latentup.cleaner/1"
 
 
 @dataclass
-class CleanerRecipe:
+class CleanerRecipe(RecipeFile):
     """A cleaner recipe (a YAML file in ``configs/cleaner/``)."""
 
     cleaner: dict = field(default_factory=dict)   # CleanerConfig fields
@@ -47,16 +47,6 @@ class CleanerRecipe:
     ema_power: float = 0.75
     bf16: bool = True
     seed: int = 0
-
-    @classmethod
-    def from_file(cls, path: str | Path) -> "CleanerRecipe":
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"{path}: unknown recipe keys {sorted(unknown)}; use {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
 
     def lr_at(self, step: int, seconds: float) -> float:
         warm = min(1.0, (step + 1) / max(1, self.warmup))
@@ -106,11 +96,8 @@ def train_cleaner(recipe: CleanerRecipe, batches: Callable[[int], Iterator[dict]
     optimizer = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     step, spent = 0, 0.0
     last = run_dir / "last.pt"
-    if last.is_file():
-        state = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume(last, model, ema, optimizer, device)
+    if state is not None:
         step, spent = int(state["step"]), float(state["seconds"])
         log(f"resumed {last} at step {step}, {spent:.0f} {clock} s")
     params = list(model.parameters())

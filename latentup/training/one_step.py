@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from latentup.atomic import write_atomic
 from latentup.diffusion.conditioning import low_res_conditioning
@@ -41,6 +41,7 @@ from latentup.diffusion.precond import KarrasDenoiser
 from latentup.diffusion.schedules import SIGMA_MAX
 from latentup.errors import ConfigError
 from latentup.nn.unet import UNet, UNetConfig
+from latentup.training.budget import Clock, RecipeFile, resume
 from latentup.training.ema import ema_decay, ema_update
 from latentup.weights.single_file import save_upscaler
 
@@ -115,7 +116,7 @@ def one_step_loss(denoiser, batch: dict, step: int, curriculum: Curriculum, deco
 
 
 @dataclass
-class Recipe:
+class Recipe(RecipeFile):
     """A training recipe: the U-Net, the curriculum and the optimisation (a YAML file in configs/one_step/)."""
 
     unet: dict = field(default_factory=dict)
@@ -130,15 +131,6 @@ class Recipe:
     bf16: bool = True                 # bf16 autocast (CPUs with AMX, GPUs)
     seed: int = 0
 
-    @classmethod
-    def from_file(cls, path: str | Path) -> "Recipe":
-        import yaml
-
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        unknown = set(data) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise ConfigError(f"{path}: unknown recipe keys {sorted(unknown)}; use {sorted(cls.__dataclass_fields__)}")
-        return cls(**data)
 
 
 def build_denoiser(recipe: Recipe) -> tuple[KarrasDenoiser, Tensor | None]:
@@ -156,19 +148,6 @@ def build_denoiser(recipe: Recipe) -> tuple[KarrasDenoiser, Tensor | None]:
     unet = UNet(parts.unet_config)
     load_strict(unet, {k: v.float() for k, v in parts.unet_state.items()}, "U-Net")
     return KarrasDenoiser(unet), parts.noise_fourier
-
-
-class Clock:
-    """Seconds spent: the process's CPU time (``cpu``, all threads) or wall time (``wall``), plus an offset."""
-
-    def __init__(self, kind: str, offset: float = 0.0):
-        if kind not in ("cpu", "wall"):
-            raise ConfigError(f"clock must be cpu or wall, got {kind!r}")
-        self.read = time.process_time if kind == "cpu" else time.perf_counter
-        self.offset, self.start = offset, self.read()
-
-    def __call__(self) -> float:
-        return self.offset + self.read() - self.start
 
 
 def export(path: Path, denoiser: KarrasDenoiser, noise_fourier: Tensor | None, meta: dict) -> Path:
@@ -196,11 +175,8 @@ def train(recipe: Recipe, batches: Callable[[int], Iterator[dict]], run_dir: str
     generator = torch.Generator().manual_seed(recipe.seed)
     step, spent = 0, 0.0
     last = run_dir / "last.pt"
-    if last.is_file():
-        state = torch.load(last, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
-        ema.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
+    state = resume(last, model, ema, optimizer, device)
+    if state is not None:
         generator.set_state(state["generator"])
         step, spent = int(state["step"]), float(state["seconds"])
         if state.get("noise_fourier") is not None:
