@@ -10,6 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import TQDMProgressBar
 
 from latentup.atomic import stale_temporaries, write_text_atomic
+from latentup.training.folders import log_dir
 
 
 class StepTimer(L.Callback):
@@ -47,12 +48,6 @@ class StepTimer(L.Callback):
     def on_train_end(self, trainer, pl_module) -> None:
         if trainer.is_global_zero:
             write_text_atomic(log_dir(trainer) / "timing.json", json.dumps(self.summary(), indent=2))
-
-
-def log_dir(trainer) -> Path:
-    """The first logger's folder, else the run folder (no collective call: safe on one rank only)."""
-    folder = getattr(trainer.logger, "log_dir", None) if trainer.logger is not None else None
-    return Path(folder or trainer.default_root_dir)
 
 
 class StepProgressBar(TQDMProgressBar):

@@ -21,7 +21,7 @@ from latentup.evaluation.metrics import ImageMetrics
 from latentup.evaluation.protocol import bicubic2x
 from latentup.seeds import mix_seed
 from latentup.settings import Settings
-from latentup.training.callbacks import log_dir
+from latentup.training.folders import log_dir
 
 
 class Validator:
