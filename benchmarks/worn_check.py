@@ -13,6 +13,10 @@ input=<out>/<kind> output=<out>/<kind>_x2`` at its defaults (plus ``--set`` over
 settings such as ``restore=true,back_projection=10``), with ``bicubic(cleaned)``: pixel bicubic of the cleaned
 picture, what the cleaner alone gives.
 
+``wear``: the wear estimate's signatures (``latentup/wear.py``: JPEG-grid blockiness b, 2x2 block share p) and the
+strength on every 8th BSDS500 training picture (LR), clean and worn: where the estimate's thresholds come from.
+
+    python benchmarks/worn_check.py wear
     python benchmarks/worn_check.py infer --set B100 --limit 20 --out /tmp/worn
     python benchmarks/worn_check.py choices --set B100 --limit 20 --cleaner /work/runs/cleaner/cnn_64x8/at_3600s.safetensors \\
         --variant restore=false,back_projection=10 --variant restore=false,back_projection=0 \\
@@ -119,6 +123,23 @@ def run_choices(args, names, worn, hrs, metrics) -> dict:
     return rows
 
 
+def wear_table(args) -> None:
+    from latentup.wear import block_share, blockiness, wear_strength
+
+    files = sorted(p for p in (args.data / "train" / "BSDS500").rglob("*") if p.suffix in (".jpg", ".png"))[::8]
+    print("| LR wear | b 5th / 50th / 95th pct | p 50th / 95th pct | strength mean | strength 0 |\n|---|---|---|---|---|")
+    for kind in KINDS:
+        wear = load_degradation(None if kind == "clean" else kind)
+        rows = []
+        for i, path in enumerate(files):
+            lr = load_pair(path, 64)[1]
+            x = (lr if wear is None else wear.tensor(lr, mix_seed(1, i)))[None]
+            rows.append((blockiness(x).item(), block_share(x).item(), wear_strength(x).item()))
+        b, p, s = np.array(rows).T
+        print(f"| {kind} | {' / '.join(f'{v:.3f}' for v in np.percentile(b, [5, 50, 95]))} | "
+              f"{' / '.join(f'{v:.3f}' for v in np.percentile(p, [50, 95]))} | {s.mean():.2f} | {np.mean(s == 0):.0%} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -134,7 +155,11 @@ def main() -> None:
     sub.choices["choices"].add_argument("--weights", type=Path, help="upscaler file (default: the bundled one)")
     sub.choices["choices"].add_argument("--cleaner", type=Path, help="a cleaner export to bundle with the weights")
     sub.choices["choices"].add_argument("--variant", action="append", required=True)
+    w = sub.add_parser("wear")
+    w.add_argument("--data", type=Path, default=Path(os.environ.get("LATENTUP_DATA", "../shared/datasets")))
     args = parser.parse_args()
+    if args.command == "wear":
+        return wear_table(args)
     with exit_on_error():
         torch.set_num_threads(args.threads)
         args.out.mkdir(parents=True, exist_ok=True)

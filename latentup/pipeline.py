@@ -1,6 +1,7 @@
 """The user-facing 2x upscaler: image or SD latent in, 2x image or latent out.
 
-    image --clean--> (picture inputs, ``restore``: the weights' cleaner removes wear, ``latentup.nn.cleaner``)
+    image --clean--> (picture inputs, ``restore``: the weights' cleaner removes wear, ``latentup.nn.cleaner``;
+                      "auto" blends it in by how worn the picture looks, ``latentup.wear``)
           --encode--> low-res latent z (SD-scaled) --(text, seed)--> x ~ N(0, sigma_max^2)
           --sampler(D, sigmas)--> 2x latent --decode--> image
           --> back-projection (picture inputs, ``back_projection`` > 0: the output made to downscale to the (cleaned)
@@ -47,6 +48,7 @@ from latentup.nn.winograd import Conv3x3
 from latentup.seeds import image_seed
 from latentup.settings import SETTING_NAMES, Settings, Speed, check_flag, resolve_compile, resolve_dtype
 from latentup.weights.sources import resolve_weights
+from latentup.wear import wear_strength
 from latentup.weights.strict import build_strict
 
 
@@ -310,15 +312,18 @@ class Upscaler:
         [B, 3, 2h, 2w] in [0, 1], float32: the picture path of ``upscale_images`` (sample i encoded and sampled
         with its own generator; with ``colour_fix`` > 0 the low band comes from the pictures themselves, and with
         ``back_projection`` > 0 the result is made to downscale to them, ``latentup.colour_fix``). With ``restore``
-        the weights' cleaner first removes the pictures' wear, and the fixes take the cleaned pictures."""
+        the weights' cleaner first removes the pictures' wear ("auto": blended in as worn as each picture looks,
+        ``latentup.wear``), and the fixes take the cleaned pictures."""
         s = self.settings(**settings)
         factor = 4 * self.autoencoder.downscale
         generators = self._generators(self._seeds(s.seed, len(pixels)))
-        with _job(progress, s.steps + 2 + s.restore, len(pixels)) as bar:
+        with _job(progress, s.steps + 2 + bool(s.restore), len(pixels)) as bar:
             pixels = pixels.to(self.device)
             if s.restore:
                 bar.set_description_str("clean")
-                pixels = self.cleaner(pixels.float())
+                cleaned = self.cleaner(pixels.float())
+                strength = wear_strength(pixels).view(-1, 1, 1, 1) if s.restore == "auto" else 1.0
+                pixels = pixels + strength * (cleaned - pixels)
                 bar.update()
             padded, (h, w) = pad_to_multiple(pixels, factor, 2 * factor)
             bar.set_description_str("encode")

@@ -70,7 +70,7 @@ class Settings:
     noise_level: float = 0.0  # low-res noise augmentation sigma_lr (needs k-diffusion/latentup weights)
     colour_fix: float = 0.0  # image outputs: low band (Gaussian sigma, output px) from the input; 0 = off
     back_projection: int = 0  # picture inputs: iterations making the output downscale to the input; 0 = off
-    restore: bool = False  # picture inputs: the weights' cleaner removes wear (JPEG, grain, pixel blocks) first
+    restore: bool | str = False  # picture inputs: the weights' cleaner removes wear first; "auto": as worn as they look
 
     def validate(self):
         """One-line ConfigErrors for values of the wrong type or out of range; returns self."""
@@ -85,7 +85,8 @@ class Settings:
             check_int("seed", seed, 0, MAX_SEED, "e.g. seed=0")
         check_int("clip_skip", self.clip_skip, 0, None, "0 or 1 = last CLIP layer, 2 = penultimate")
         check_int("back_projection", self.back_projection, 0, 100, "iterations, 0 = off, e.g. back_projection=10")
-        check_flag("restore", self.restore)
+        if not (isinstance(self.restore, bool) or self.restore == "auto"):
+            raise ConfigError(f"restore must be true, false or auto, got {self.restore!r}")
         for name in ("prompt", "negative_prompt"):
             value = getattr(self, name)
             if not all(isinstance(text, str) for text in as_list(value)):

@@ -74,7 +74,7 @@ def test_restore_needs_a_cleaner_and_a_damaged_cleaner_is_refused(files, tmp_pat
     assert upscaler.cleaner is None and upscaler.settings().restore is False
     with pytest.raises(ConfigError, match="restore=true needs weights with a cleaner"):
         upscaler.upscale_pixels(pictures(), restore=True)
-    with pytest.raises(ConfigError, match="restore must be true, false or null"):
+    with pytest.raises(ConfigError, match="restore must be true, false or auto"):
         upscaler.settings(restore="yes")
     with safe_open(str(path), "pt") as f:
         tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
@@ -149,3 +149,23 @@ def test_infer_picture_and_task_give_the_same_restored_pixels(files, tmp_path):
                                 env=env, timeout=600)
     assert unrestored.returncode == 0, unrestored.stderr
     assert np.abs(np.asarray(Image.open(tmp_path / "plain.png"), dtype=np.int16) - direct).max() > 8
+
+
+def test_auto_restore_cleans_as_worn_as_the_picture_looks(files):
+    from latentup.pipeline import Upscaler
+    from latentup.wear import block_share, blockiness, wear_strength
+
+    _, path, cleaner = files
+    clean = pictures()
+    jpeg = torch.stack([load_degradation("jpeg").tensor(p, seed=i) for i, p in enumerate(clean)])
+    pixelated = torch.stack([load_degradation("pixelate").tensor(p, seed=0) for p in clean])
+    assert torch.all(blockiness(clean) < 1.1) and torch.all(blockiness(jpeg) > 1.2)
+    assert torch.all(block_share(clean) < 0.3) and torch.all(block_share(pixelated) == 1)
+    assert torch.equal(wear_strength(clean), torch.zeros(2)) and torch.equal(wear_strength(pixelated), torch.ones(2))
+    upscaler = Upscaler.from_pretrained(path)
+    auto = upscaler.upscale_pixels(torch.cat([clean, pixelated]), seed=[0, 1, 2, 3], restore="auto", back_projection=0)
+    off = upscaler.upscale_pixels(clean, seed=[0, 1], restore=False, back_projection=0)
+    on = upscaler.upscale_pixels(pixelated, seed=[2, 3], restore=True, back_projection=0)
+    assert torch.allclose(auto[:2], off, atol=1e-5) and torch.allclose(auto[2:], on, atol=1e-5)
+    with pytest.raises(ConfigError, match="restore must be true, false or auto"):
+        upscaler.settings(restore=1)
