@@ -118,6 +118,39 @@ def table(args) -> None:
         print(f"| {name} | | {score['psnr_y']:.2f} | {score['lpips']:.4f} |")
 
 
+@torch.no_grad()
+def cleaner_table(args) -> None:
+    """Each cleaner export's LR-level PSNR-Y against the clean LR, per kind of wear, on held-out pictures."""
+    from latentup.evaluation.metrics import psnr
+    from latentup.nn.cleaner import Cleaner, CleanerConfig
+    from latentup.training.cleaner import load_cleaner
+    from worn_check import worn_pictures
+
+    names, hrs, worn = worn_pictures(Path(os.environ.get("LATENTUP_DATA", "../shared/datasets")) / "eval" / args.set,
+                                     args.limit)
+    clean = worn["clean"]
+
+    def score(pictures) -> float:
+        return sum(psnr(p[None], c[None], y=True, border=2).item() for p, c in zip(pictures, clean)) / len(clean)
+
+    inputs = {kind: score(pictures) if kind != "clean" else float("inf") for kind, pictures in worn.items()}
+    kinds = [k for k in worn if k != "clean"]
+    print(f"LR-level PSNR-Y against the clean LR, {args.set}[:{args.limit}] (clean: the cleaned clean picture's "
+          "PSNR-Y against itself; worn: the gain over the worn input)\n")
+    print("| recipe | compute (h) | steps | clean | " + " | ".join(f"{k} (input {inputs[k]:.2f})" for k in kinds)
+          + " |\n|---|---|---|---|" + "---|" * len(kinds))
+    for run in sorted(map(Path, args.runs)):
+        for export in sorted(run.glob("at_*s.safetensors"), key=lambda p: float(p.stem[3:-1])):
+            config, state, meta = load_cleaner(export)
+            cleaner = Cleaner(CleanerConfig(**config))
+            cleaner.load_state_dict({k: v.float() for k, v in state.items()})
+            cleaner.eval()
+            scores = {kind: score([cleaner(p[None])[0] for p in pictures]) for kind, pictures in worn.items()}
+            print(f"| {run.name} | {float(export.stem[3:-1]) / 3600:g} | {meta['training']['steps']} | "
+                  f"{scores['clean']:.2f} dB | "
+                  + " | ".join(f"{scores[k] - inputs[k]:+.2f} dB" for k in kinds) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -155,9 +188,17 @@ def main() -> None:
     s.add_argument("--set", default="B100")
     s.add_argument("--limit", type=int, default=20)
     s.add_argument("--threads", type=int, default=1)
+    ct = sub.add_parser("cleaner-table", help="each cleaner export's LR-level gain on held-out worn pictures")
+    ct.add_argument("--runs", nargs="+", required=True)
+    ct.add_argument("--set", default="B100")
+    ct.add_argument("--limit", type=int, default=20)
+    ct.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     with exit_on_error():
-        if args.command in ("train", "cleaner"):
+        if args.command == "cleaner-table":
+            torch.set_num_threads(args.threads)
+            cleaner_table(args)
+        elif args.command in ("train", "cleaner"):
             torch.set_num_threads(args.threads)
             torch.backends.cudnn.benchmark = True  # fixed shapes: pick the fastest convolution kernels once
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

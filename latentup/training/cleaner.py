@@ -62,14 +62,14 @@ def save_cleaner(path: Path, cleaner: Cleaner, meta: dict) -> Path:
     return write_atomic(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
 
 
-def load_cleaner(path: str | Path) -> tuple[dict, dict]:
-    """(config, state) of a cleaner file written by :func:`save_cleaner`."""
+def load_cleaner(path: str | Path) -> tuple[dict, dict, dict]:
+    """(config, state, meta) of a cleaner file written by :func:`save_cleaner`."""
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata() or {}
         if metadata.get("format") != CLEANER_FORMAT:
             raise WeightsMismatchError(f"{path} is not a latentup cleaner file (format={metadata.get('format')!r})")
         state = {k[len("cleaner."):]: f.get_tensor(k) for k in f.keys()}
-    return json.loads(metadata["cleaner_config"]), state
+    return json.loads(metadata["cleaner_config"]), state, json.loads(metadata.get("meta", "{}"))
 
 
 def bundle(upscaler: str | Path, cleaner: str | Path, output: str | Path, recommended: dict | None = None) -> Path:
@@ -78,7 +78,7 @@ def bundle(upscaler: str | Path, cleaner: str | Path, output: str | Path, recomm
     from latentup.weights.single_file import load_upscaler, save_upscaler
 
     file = load_upscaler(upscaler)
-    config, state = load_cleaner(cleaner)
+    config, state, _ = load_cleaner(cleaner)
     meta = {**file.meta, "cleaner": config,
             "recommended": {**file.meta.get("recommended", {}), **(recommended or {})}}
     return save_upscaler(output, file.unet_state, file.unet_config, file.noise_fourier, meta, cleaner_state=state)
