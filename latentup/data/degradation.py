@@ -63,7 +63,7 @@ def pixelate(image: Image.Image, block: int) -> Image.Image:
     return small.resize(image.size, Image.NEAREST)
 
 
-# op -> (parameter ranges it needs, whether a range holds integers)
+# operation -> {parameter it draws: whether the parameter is an integer}; the ranges each parameter may take
 OPS = {"blur": {"sigma": False}, "resize": {"scale": False}, "noise": {"sigma": False}, "grain": {"sigma": False},
        "jpeg": {"quality": True}, "pixelate": {"block": True}}
 LIMITS = {"sigma": (0.0, 100.0), "scale": (0.05, 4.0), "quality": (1, 95), "block": (2, 16)}
