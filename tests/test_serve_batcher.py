@@ -55,12 +55,14 @@ def test_a_dead_model_thread_is_restarted_and_reserved_places_count():
         with pytest.raises(RuntimeError, match="model thread died"):
             await batcher.submit("a", "die")
         after = await batcher.submit("a", 4)
-        batcher.reserve()
-        batcher.reserve()
+        first, second = batcher.reserve(), batcher.reserve()
         with pytest.raises(QueueFull):
             batcher.submit("a", 5)
-        future = batcher.submit("a", 6, reserved=True)
-        batcher.release()
+        future = batcher.submit("a", 6, first)
+        second.release()
+        second.release()  # a place is given back once, however often asked
+        first.release()  # taken by submit: nothing to give back
+        assert batcher.reserved == 0
         result = await future
         worker.cancel()
         batcher.close()

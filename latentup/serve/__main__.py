@@ -15,7 +15,6 @@ import logging
 import os
 import socket
 import tempfile
-from importlib import resources
 from pathlib import Path
 
 import uvicorn
@@ -23,10 +22,12 @@ from omegaconf import DictConfig, ListConfig
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
 from latentup.cli import command
+from latentup.config_files import config_dir
 from latentup.errors import ConfigError, exit_on_error
 from latentup.serve.app import create_app
 from latentup.serve.fetch import UrlFetcher
 from latentup.serve.limits import Limits
+from latentup.serve.records import Records
 from latentup.serve.service import Service
 from latentup.serve.sessions import Sessions
 from latentup.serve.store import ImageStore
@@ -40,14 +41,6 @@ POSITIVE = {"max_queue": int, "max_batch": int, "max_tasks_per_request": int, "t
             "max_inflight_per_key": int, "max_inflight_per_connection": int, "max_records_per_key": int,
             "session_buffer_mb": float, "store_max_mb": float, "auth_timeout": float, "max_auth_kb": float}
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
-
-
-def config_dir() -> Path:
-    """``configs/serve``: package data ``latentup.configs`` in a wheel, the checkout's ``configs/`` otherwise."""
-    try:
-        return Path(str(resources.files("latentup.configs") / "serve"))
-    except ModuleNotFoundError:
-        return Path(__file__).resolve().parents[2] / "configs" / "serve"
 
 
 def _check(cfg: DictConfig) -> tuple[list[str], list[str]]:
@@ -156,7 +149,7 @@ def serve(cfg: DictConfig) -> None:
                         cfg.max_inflight_per_connection)
         service = Service(upscaler, store, dict(max_queue=cfg.max_queue, max_batch=cfg.max_batch,
                                                 batch_wait=cfg.batch_wait), keys, fetch, cfg.task_timeout, limits,
-                          cfg.max_records_per_key)
+                          Records(cfg.max_records_per_key, cfg.max_inflight_per_key))
         sessions = Sessions(cfg.session_ttl, int(cfg.session_buffer_mb * 2**20), 2 * KEEPALIVE)
 
         @contextlib.asynccontextmanager
@@ -165,8 +158,8 @@ def serve(cfg: DictConfig) -> None:
                 while True:
                     await asyncio.sleep(PURGE_INTERVAL)
                     await asyncio.to_thread(store.purge)
-                    service.records.purge()
-                    sessions.purge()
+                    await service.records.purge()
+                    await sessions.purge()
 
             workers = [asyncio.ensure_future(service.batcher.run_forever()), asyncio.ensure_future(purge())]
             yield
@@ -185,7 +178,7 @@ def serve(cfg: DictConfig) -> None:
                f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
 
 
-@command(config_dir(), "serve", __doc__, FREE_TEXT)
+@command(config_dir("serve"), "serve", __doc__, FREE_TEXT)
 def main(cfg: DictConfig) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     with exit_on_error():

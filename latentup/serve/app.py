@@ -126,7 +126,7 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
         except ClientDisconnect:
             log.warning("a client left during its upload (%s)", request.client.host if request.client else "?")
             return Response(status_code=400)
-        caller = Caller(service.key_id(key), base_url(request.scope), stays=False)
+        caller = Caller(service.key_id(key), base_url(request.scope))
         work = asyncio.gather(*(service.answer(task, caller) for task in tasks[1 if authenticating else 0:]),
                               return_exceptions=True)
         gone = asyncio.ensure_future(_until_gone(request))
@@ -154,7 +154,8 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
             session, tasks = await _authenticate(websocket)
             if session is None:
                 return
-            caller = Caller(session.key_id, base_url(websocket.scope), connection=websocket)
+            caller = Caller(session.key_id, base_url(websocket.scope), connection=websocket,
+                            session=session.uuid if sessions.shared else None)
             while True:
                 for task in tasks:
                     if _is_auth(task):
@@ -162,6 +163,7 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
                                                          "connectionSessionUUID": session.uuid}]})
                         continue
                     job = asyncio.ensure_future(_answer(session, task, caller))
+                    session.track(job)
                     answering.add(job)
                     job.add_done_callback(answering.discard)
                 try:
@@ -173,10 +175,12 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
             clean = left.code in CLEAN_CLOSE
         finally:
             if session is not None:
-                session.detach(websocket, clean)
+                await session.detach(websocket, clean)
 
     async def _answer(session, task, caller) -> None:
-        await session.deliver(await service.answer(task, caller))
+        answer = await service.answer(task, caller)
+        if answer is not None:  # else it went to the shared session already
+            await session.deliver(answer)
 
     async def _authenticate(websocket: WebSocket):
         """(the session the first message opens or resumes, the other tasks of that message), else (None, [])
@@ -193,7 +197,7 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
             key_id = service.key_id(first.get("apiKey"))
             if key_id is not None:
                 resume = first.get("connectionSessionUUID")
-                session = sessions.open(key_id, resume if isinstance(resume, str) else None)
+                session = await sessions.open(key_id, resume if isinstance(resume, str) else None)
                 await websocket.send_text(dumps({"data": [{"taskType": "authentication",
                                                            "connectionSessionUUID": session.uuid}]}))
                 await session.attach(websocket)
@@ -205,14 +209,20 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
 
     async def image(request: Request):
         stem, _, suffix = request.path_params["name"].partition(".")
-        found = service.store.get(stem)
-        if found is None or found.path.name != request.path_params["name"]:
+        try:
+            found = await asyncio.to_thread(service.store.get, stem)
+        except TaskError as error:  # the shared store is unreachable
+            return JSONResponse(message(error), status_code=HTTP_STATUS[error.code])
+        if found is None or found.name != request.path_params["name"]:
             error = TaskError("taskNotFound", "no such image here (or it expired)", "imageURL")
             return JSONResponse(message(error), status_code=404)
-        return FileResponse(found.path, media_type=found.mime, headers={"X-Content-Type-Options": "nosniff"})
+        headers = {"X-Content-Type-Options": "nosniff"}
+        if found.data is not None:
+            return Response(found.data, media_type=found.mime, headers=headers)
+        return FileResponse(found.path, media_type=found.mime, headers=headers)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({**service.health(), "sessions": len(sessions)})
+        return JSONResponse({**await service.health(), "sessions": len(sessions)})
 
     routes = [Route(path, rest, methods=["POST"]) for path in ("/v1", "/")]
     routes += [WebSocketRoute(path, socket) for path in ("/v1", "/")]

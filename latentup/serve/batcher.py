@@ -33,6 +33,19 @@ class Job:
     future: asyncio.Future
 
 
+class Place:
+    """A reserved place in the queue: taken by ``submit`` or given back by ``release``, once either way (a task
+    stopped before its work started gives its place back without knowing whether it was taken)."""
+
+    def __init__(self, batcher: "Batcher"):
+        self._batcher = batcher
+
+    def release(self) -> None:
+        if self._batcher is not None:
+            self._batcher.reserved -= 1
+            self._batcher = None
+
+
 class ModelThread:
     """One daemon thread that runs calls in order (``await thread.call(fn)``); a thread that dies (a BaseException
     such as SystemExit escaped a call) starts its successor first and counts it in ``restarts``."""
@@ -109,19 +122,18 @@ class Batcher:
     def full(self) -> bool:
         return self._used() >= self.max_queue
 
-    def reserve(self) -> None:
-        """Hold a place for a job submitted later (``submit(..., reserved=True)``) or given back (``release``)."""
+    def reserve(self) -> "Place":
+        """Hold a place for a job submitted later (``submit(..., place)``) or given back (``place.release()``)."""
         if self._used() >= self.max_queue:
             raise QueueFull
         self.reserved += 1
+        return Place(self)
 
-    def release(self) -> None:
-        self.reserved -= 1
-
-    def submit(self, key: Hashable, payload, reserved: bool = False) -> asyncio.Future:
-        """Queue a job; its future gets the result. QueueFull when the queue is full."""
-        if reserved:
-            self.release()
+    def submit(self, key: Hashable, payload, place: "Place | None" = None) -> asyncio.Future:
+        """Queue a job (in its reserved ``place``, if any); its future gets the result. QueueFull when the queue is
+        full."""
+        if place is not None:
+            place.release()
         elif self._used() >= self.max_queue:
             raise QueueFull
         job = Job(key, payload, asyncio.get_running_loop().create_future())

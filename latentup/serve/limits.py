@@ -2,8 +2,8 @@
 
 - ``max_prompt_chars``: a longer ``positivePrompt`` / ``negativePrompt`` is refused before the text tokenizer sees it;
 - ``max_step_megapixels``: ``steps`` x the output's megapixels of one task;
-- ``max_inflight_per_key`` / ``max_inflight_per_connection``: tasks accepted and not yet answered (``InFlight``; a
-  Redis version counts with INCR / DECR under the same keys).
+- ``max_inflight_per_key`` / ``max_inflight_per_connection``: tasks accepted and not yet answered (per key: the
+  unanswered claims of the taskUUID table, ``records.py``, shared in Redis mode; per connection: ``InFlight``).
 """
 
 from collections import Counter

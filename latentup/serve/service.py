@@ -16,11 +16,11 @@ import hmac
 import io
 import logging
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from latentup.errors import LatentupError
 from latentup.imageio import for_format
-from latentup.serve.batcher import Batcher, QueueFull
+from latentup.serve.batcher import Batcher, Place, QueueFull
 from latentup.serve.limits import InFlight, Limits
 from latentup.serve.records import Record, Records
 from latentup.serve.store import ImageStore
@@ -42,13 +42,29 @@ def message(error: TaskError, task_type=None, task_uuid=None) -> dict:
 @dataclass(frozen=True)
 class Caller:
     """Who sent a task: the API key's id (it scopes records, uploads and outputs), the base of the imageURLs it is
-    given, its connection (counted against ``max_inflight_per_connection``; None: not counted) and whether its task
-    runs on when it leaves (a WebSocket session keeps the answer; nobody receives a REST request's)."""
+    given, its connection (counted against ``max_inflight_per_connection``; None: not counted) and its shared
+    session (Redis mode, WebSocket: its answers go to the session in Redis, whichever replica makes them)."""
 
     key_id: str
     base_url: str
     connection: object = None
-    stays: bool = True
+    session: str | None = None
+
+
+@dataclass
+class Ticket:
+    """What an accepted task holds: its claim (``token``), its queue place (in-process) and what to give back."""
+
+    task_type: str
+    task_uuid: str
+    token: str
+    keep: bool
+    place: Place | None = None
+    held: list = field(default_factory=list)
+
+    def release(self) -> None:
+        while self.held:
+            self.held.pop()()
 
 
 class Abandoned(Exception):
@@ -71,19 +87,23 @@ class Stoppable:
 
 
 class Service:
+    """Tasks in, answers out. ``records``: the taskUUID table (default: in this process); ``queue``: None to run
+    every upscale on this process's model, else the shared queue (``redis_queue.SharedQueue``) whose workers run
+    them (:meth:`produce`) and answer their claims."""
+
     def __init__(self, upscaler, store: ImageStore, batcher_options: dict, api_keys=(), fetch=None,
-                 task_timeout: float = 300.0, limits: Limits = Limits(), max_records_per_key: int = 10_000):
-        self.store, self.fetch, self.limits = store, fetch, limits
+                 task_timeout: float = 300.0, limits: Limits = Limits(), records=None, queue=None):
+        self.store, self.fetch, self.limits, self.queue = store, fetch, limits, queue
         self.keys = [key.encode() for key in api_keys]
         self.task_timeout = task_timeout
-        self.batcher = Batcher(self._run, **batcher_options)
+        self.batcher = Batcher(self._run_batch, **batcher_options)
         self.upscaler = copy.copy(upscaler)  # its own denoiser, which stops when nobody waits for the batch
         self.upscaler.denoiser = Stoppable(upscaler.denoiser, self.batcher.abandoned)
-        self.records = Records(max_records_per_key)
-        self.per_key = InFlight(limits.max_inflight_per_key, "API key")
+        self.records = records if records is not None else Records(10_000, limits.max_inflight_per_key)
         self.per_connection = InFlight(limits.max_inflight_per_connection, "connection")
         self.in_flight = 0  # tasks accepted and not yet answered
         self._background: set[asyncio.Future] = set()
+        self._closing: set[asyncio.Future] = set()  # claims of stopped tasks being answered
         self.draining = False
 
     # authentication
@@ -97,7 +117,7 @@ class Service:
         return hashlib.sha256(given).hexdigest() if any(matches) else None
 
     # the model thread
-    def _run(self, payloads: list) -> list:
+    def _run_batch(self, payloads: list) -> list:
         """Results (or exceptions) for a batch; a batch that fails is retried task by task, so one bad task never
         fails its neighbours."""
         tasks, images = [p[0] for p in payloads], [p[1] for p in payloads]
@@ -109,12 +129,13 @@ class Service:
             if len(payloads) > 1:
                 log.warning("a batch of %d failed (%s: %s): running its tasks one by one", len(payloads),
                             type(error).__name__, error)
-                return [self._run([payload])[0] for payload in payloads]
+                return [self._run_batch([payload])[0] for payload in payloads]
             return [error]
 
     # tasks
-    async def answer(self, task, caller: Caller = Caller("", "")) -> dict:
-        """The response message for one task object: ``{"data": [item]}`` or ``{"errors": [error]}``."""
+    async def answer(self, task, caller: Caller = Caller("", "")) -> dict | None:
+        """The response message for one task object: ``{"data": [item]}`` or ``{"errors": [error]}``; None when
+        it went to the caller's shared session instead."""
         task_type = task.get("taskType") if isinstance(task, dict) else None
         task_uuid = task.get("taskUUID") if isinstance(task, dict) else None
         if task_type == "ping":
@@ -129,63 +150,92 @@ class Service:
             if task_type not in (*UPSCALE_TYPES, "imageUpload"):
                 raise TaskError("unsupportedTaskType", f"taskType {task_type} is not served here: use upscale, "
                                 "imageUpscale, imageUpload, getResponse or ping", "taskType")
-            work, keep = self._admit(task, task_type, task_uuid, caller)
+            work, ticket = await self._admit(task, task_type, task_uuid, caller)
         except TaskError as error:
             return message(error, task_type, task_uuid)
-        return await self._start(work, keep, task_type, task_uuid, caller)
+        return await self._start(work, ticket, caller)
 
-    def _admit(self, task: dict, task_type: str, task_uuid: str, caller: Caller):
-        """(the task's work, whether its answer is kept for getResponse) once every check passed and its taskUUID,
-        queue place and in-flight counts are held; a TaskError (nothing held) otherwise."""
+    async def _admit(self, task: dict, task_type: str, task_uuid: str, caller: Caller):
+        """(the task's work: a function of the future set once the task is accepted for good, its Ticket) once
+        every check passed and its taskUUID, queue place and in-flight counts are held; a TaskError (nothing held)
+        otherwise."""
+        ticket = Ticket(task_type, task_uuid, "", False)
         if task_type == "imageUpload":
-            value, keep, reserve = self._check_upload(task), False, False
+            value = self._check_upload(task)
         else:
             parsed = parse_upscale(task, task_type, task_uuid)
             self.limits.check_prompts(parsed)  # before any tokenizer runs over it
             check_with_model(self.upscaler, parsed)
-            keep, reserve = parsed.delivery == "async", True
-        held = []
+            ticket.keep = parsed.delivery == "async"
+            ticket.place = await self._reserve()  # before decoding: a full queue costs the server nothing
+            if ticket.place is not None:
+                ticket.held.append(ticket.place.release)
         try:
-            if reserve:
-                try:
-                    self.batcher.reserve()  # before decoding: a full queue costs the server nothing
-                except QueueFull:
-                    raise TaskError("queueFull", "the queue is full: retry in a moment") from None
-                held.append(self.batcher.release)
-            self.per_key.acquire(caller.key_id)
-            held.append(lambda: self.per_key.release(caller.key_id))
             if caller.connection is not None:
                 self.per_connection.acquire(caller.connection)
-                held.append(lambda: self.per_connection.release(caller.connection))
-            record = self.records.claim(caller.key_id, task_uuid, task_type, keep)
-        except TaskError:
-            for release in reversed(held):
-                release()
+                ticket.held.append(lambda: self.per_connection.release(caller.connection))
+            ticket.token = await self.records.claim(caller.key_id, task_uuid, task_type, ticket.keep)
+        except BaseException:
+            ticket.release()
             raise
         if task_type == "imageUpload":
-            return self._upload(value, task_type, task_uuid, caller), keep
-        return self._upscale(parsed, caller, record), keep
+            return lambda accepted: self._upload(value, task_type, task_uuid, caller, accepted), ticket
+        return lambda accepted: self._upscale(parsed, caller, ticket, accepted), ticket
 
-    async def _start(self, work, keep: bool, task_type: str, task_uuid: str, caller: Caller) -> dict:
-        job = asyncio.ensure_future(self._guard(work, task_type, task_uuid))
+    async def _reserve(self) -> Place | None:
+        if self.queue is not None:
+            await self.queue.room()
+            return None
+        try:
+            return self.batcher.reserve()
+        except QueueFull:
+            raise TaskError("queueFull", "the queue is full: retry in a moment") from None
+
+    async def _start(self, work, ticket: Ticket, caller: Caller) -> dict | None:
+        accepted = asyncio.get_running_loop().create_future()
+        coroutine = work(accepted)
+        job = asyncio.ensure_future(self._run(coroutine, ticket, caller))
         self.in_flight += 1
         self._background.add(job)
 
-        def finish(done):
+        def done(finished):
             self.in_flight -= 1
-            self._background.discard(done)
-            self.per_key.release(caller.key_id)
-            if caller.connection is not None:
-                self.per_connection.release(caller.connection)
-            failed = done.cancelled() or "errors" in done.result()
-            self.records.finish(caller.key_id, task_uuid, failed, self.store.ttl)
+            self._background.discard(finished)
+            ticket.release()  # also for a task stopped before its work started
+            if finished.cancelled():
+                coroutine.close()
+                stopped = message(TaskError("serverShuttingDown", "the task was stopped before it was done (its "
+                                            "client left or the server shut down): send it again"),
+                                  ticket.task_type, ticket.task_uuid)
+                closing = asyncio.ensure_future(self._finish(ticket, caller, stopped))
+                self._closing.add(closing)
+                closing.add_done_callback(self._closing.discard)
 
-        job.add_done_callback(finish)
-        if keep:  # answered by getResponse
-            return {"data": [{"taskType": task_type, "taskUUID": task_uuid, "status": "processing"}]}
-        if caller.stays:
-            return await asyncio.shield(job)  # runs on when the caller goes away (a WebSocket session buffers it)
-        return await job  # cancelled with its caller: nobody would receive the answer
+        job.add_done_callback(done)
+        if ticket.keep:  # answered by getResponse, once the task is accepted for good
+            await asyncio.wait({accepted, job}, return_when=asyncio.FIRST_COMPLETED)
+            if not accepted.done():  # refused before that (e.g. an unreadable input)
+                return job.result()
+            return {"data": [{"taskType": ticket.task_type, "taskUUID": ticket.task_uuid, "status": "processing"}]}
+        return await job  # cancelled with its caller (a REST client that left, an expired session)
+
+    async def _run(self, work, ticket: Ticket, caller: Caller) -> dict | None:
+        """The answer of an accepted task, given to its claim (once); what the task held is given back (for a
+        stopped task: by ``_start``'s callback, which runs even when this never started)."""
+        try:
+            answer = await self._guard(work, ticket.task_type, ticket.task_uuid)
+        finally:
+            ticket.release()
+        return await self._finish(ticket, caller, answer)
+
+    async def _finish(self, ticket: Ticket, caller: Caller, answer: dict) -> dict | None:
+        try:
+            await self.records.finish(caller.key_id, ticket.task_uuid, ticket.token, answer, self.store.ttl,
+                                      caller.session)
+        except TaskError as error:  # the shared table is unreachable: the caller gets the answer from here
+            log.warning("task %s: its answer was not recorded (%s)", ticket.task_uuid, error)
+            return answer
+        return None if caller.session else answer
 
     async def _guard(self, work, task_type, task_uuid) -> dict:
         try:
@@ -215,7 +265,8 @@ class Service:
             raise TaskError("missingParameter", "image is required: a data URI, base64 or URL", "image")
         return typed(task["image"], str, "image")
 
-    async def _upload(self, value: str, task_type: str, task_uuid: str, caller: Caller) -> dict:
+    async def _upload(self, value: str, task_type: str, task_uuid: str, caller: Caller, accepted) -> dict:
+        accepted.set_result(None)
         data = await self._read(value, "image", caller)
 
         def store():  # what was decoded, as PNG: never the bytes as sent (trailing data, other pictures of an MPO)
@@ -229,16 +280,21 @@ class Service:
         return {"data": [{"taskType": task_type, "taskUUID": task_uuid, "imageUUID": image_uuid,
                           "imageURL": f"{caller.base_url}/image/{name}"}]}
 
-    async def _upscale(self, parsed, caller: Caller, record: Record) -> dict:
-        try:
-            data = await self._read(parsed.image, parsed.image_parameter, caller)
-            sources = Sources(lookup=lambda image_uuid: None)
-            image, input_uuid = await asyncio.to_thread(load_input, parsed, sources, data)
-            self.limits.check_cost(self.upscaler.settings(**parsed.settings).steps, *image.size)
-        except BaseException:
-            self.batcher.release()
-            raise
-        future = self.batcher.submit(parsed.batch_key(image), (parsed, image), reserved=True)
+    async def _upscale(self, parsed, caller: Caller, ticket: Ticket, accepted) -> dict:
+        """Read and check the input, then run it here or hand it to the shared queue (which sets ``accepted``
+        once the task is stored in Redis)."""
+        if self.queue is None:
+            accepted.set_result(None)
+        data = await self._read(parsed.image, parsed.image_parameter, caller)
+        image, input_uuid = await asyncio.to_thread(load_input, parsed, Sources(lookup=lambda image_uuid: None), data)
+        self.limits.check_cost(self.upscaler.settings(**parsed.settings).steps, *image.size)
+        if self.queue is not None:
+            return await self.queue.run(parsed, data, caller, ticket, accepted)
+        return await self.produce(parsed, image, input_uuid, caller.key_id, caller.base_url, ticket.place)
+
+    async def produce(self, parsed, image, input_uuid: str, owner: str, base_url: str, place: Place | None) -> dict:
+        """Run one task on this process's model (in its queue ``place``) and store its output: the answer."""
+        future = self.batcher.submit(parsed.batch_key(image), (parsed, image), place)
         try:
             output = await asyncio.wait_for(asyncio.shield(future), self.task_timeout)
         except asyncio.TimeoutError:
@@ -256,22 +312,17 @@ class Service:
 
         def encode():
             data, suffix, mime = encode_output(output, parsed)
-            image_uuid, name = self.store.put(data, suffix, mime, ttl, owner=caller.key_id)
-            item = response_item(parsed, data, mime, image_uuid, input_uuid, f"{caller.base_url}/image/{name}")
-            return item, image_uuid, mime
+            image_uuid, name = self.store.put(data, suffix, mime, ttl, owner=owner)
+            return response_item(parsed, data, mime, image_uuid, input_uuid, f"{base_url}/image/{name}")
 
-        item, image_uuid, mime = await asyncio.to_thread(encode)
+        item = await asyncio.to_thread(encode)
         warnings = ignored_settings(self.upscaler, parsed)
         if warnings:
             item["warnings"] = warnings
-        if record.keep:  # kept without its inline image, which getResponse reads back from the store
-            field = next((f for f in ("imageBase64Data", "imageDataURI") if f in item), None)
-            record.answer = {"data": [{k: v for k, v in item.items() if k != field}]}
-            record.image = (image_uuid, field, mime) if field else None
         return {"data": [item]}
 
     async def _get_response(self, owner: str, task_uuid: str) -> dict:
-        record = self.records.get(owner, task_uuid)
+        record = await self.records.get(owner, task_uuid)
         if record is None:
             raise TaskError("taskNotFound", f"no task {task_uuid} here (or it expired)", "taskUUID")
         if not record.keep:
@@ -279,22 +330,27 @@ class Service:
                             'serves tasks sent with "deliveryMethod": "async"', "taskUUID")
         if not record.done:
             return {"data": [{"taskType": record.task_type, "taskUUID": task_uuid, "status": "processing"}]}
+        return await self.stored_answer(record, owner, task_uuid)
+
+    async def stored_answer(self, record: Record, owner: str, task_uuid: str) -> dict:
+        """A finished record's answer, its inline image read back from the store."""
         if record.image is None:
             return record.answer
-        image_uuid, field, mime = record.image
+        image_uuid, field_name, mime = record.image
         data = await asyncio.to_thread(self.store.read, image_uuid, owner)
         if data is None:
             raise TaskError("taskNotFound", f"the output of task {task_uuid} expired", "taskUUID")
         text = base64.b64encode(data).decode()
         return {"data": [{**record.answer["data"][0],
-                          field: text if field == "imageBase64Data" else f"data:{mime};base64,{text}"}]}
+                          field_name: text if field_name == "imageBase64Data" else f"data:{mime};base64,{text}"}]}
 
-    def health(self) -> dict:
+    async def health(self) -> dict:
         batcher = self.batcher
+        images, size = await asyncio.to_thread(self.store.stats)
         return {"status": "draining" if self.draining else "ok", "queued": len(batcher.jobs),
                 "running": batcher.running, "inFlight": self.in_flight, "batches": batcher.batches,
                 "tasksRun": batcher.done, "modelThreadRestarts": batcher.thread.restarts,
-                "storedImages": len(self.store), "storedBytes": self.store.bytes, "records": len(self.records)}
+                "storedImages": images, "storedBytes": size, "records": await self.records.count()}
 
     async def drain(self, pending=lambda: 0, timeout: float = 60.0) -> None:
         """Refuse new tasks, then wait (at most ``timeout`` s) until every accepted one is answered and

@@ -7,7 +7,9 @@ closed the socket itself (code 1000 / 1001). A socket lost any other way gives i
 buffer, in order, for the resume (an answer may then come twice: match by taskUUID). A session holds at most
 ``max_bytes`` of waiting answers; one that does not fit is replaced by a short ``sessionBufferFull`` error for its
 task. Sessions are bound to the API key that opened them; the same key may take a session over from a live socket
-(a reconnecting client often comes back before its old connection is known dead), which then gets closed.
+(a reconnecting client often comes back before its old connection is known dead), which then gets closed. The
+tasks a session's connections sent and that still run for it (:meth:`Session.track`) are stopped when it expires.
+``redis_sessions`` keeps sessions in Redis, for every replica; both have this async interface.
 """
 
 import asyncio
@@ -30,7 +32,12 @@ class Session:
         self.buffer: deque[str] = deque()  # messages waiting for a socket (JSON text)
         self.unacked: deque[tuple[float, str]] = deque()  # (time sent, message) written but not known received
         self.detached_at = time.monotonic()
+        self.jobs: set[asyncio.Future] = set()  # tasks running for this session
         self._lock = asyncio.Lock()
+
+    def track(self, job: asyncio.Future) -> None:
+        self.jobs.add(job)
+        job.add_done_callback(self.jobs.discard)
 
     async def attach(self, socket) -> None:
         """Use ``socket`` from now on (closing one it replaces) and send what is owed."""
@@ -45,7 +52,10 @@ class Session:
                     self.buffer.appendleft(text)
                     break
 
-    def detach(self, socket, clean: bool = False) -> None:
+    async def detach(self, socket, clean: bool = False) -> None:
+        self._detach(socket, clean)
+
+    def _detach(self, socket, clean: bool = False) -> None:
         if self.socket is socket:
             self.socket, self.detached_at = None, time.monotonic()
             if clean:
@@ -84,7 +94,7 @@ class Session:
         try:
             await self.socket.send_text(text)
         except Exception:  # the connection went away mid-send: keep the message for a resume
-            self.detach(self.socket)
+            self._detach(self.socket)
             return False
         self.unacked.append((now, text))
         return True
@@ -100,24 +110,28 @@ async def _close(socket) -> None:
 
 
 class Sessions:
+    shared = False  # sessions live in this process: answers are delivered by whoever made them
+
     def __init__(self, ttl: float, max_bytes: int = 2**62, ack_after: float = 40.0):
         self.ttl, self.max_bytes, self.ack_after = ttl, max_bytes, ack_after
         self._sessions: dict[str, Session] = {}
 
-    def open(self, key_id: str, resume: str | None = None) -> Session:
+    async def open(self, key_id: str, resume: str | None = None) -> Session:
         """The session ``resume`` opened with the same key, else a new one."""
-        self.purge()
+        await self.purge()
         session = self._sessions.get(resume) if resume else None
         if session is None or session.key_id != key_id:
             session = Session(key_id, self.max_bytes, self.ack_after)
             self._sessions[session.uuid] = session
         return session
 
-    def purge(self) -> None:
-        """Forget sessions detached for longer than ``ttl`` (their undelivered results with them)."""
+    async def purge(self) -> None:
+        """Forget sessions detached for longer than ``ttl`` (their undelivered results with them) and stop the tasks
+        still running for them."""
         limit = time.monotonic() - self.ttl
         for key in [k for k, s in self._sessions.items() if s.socket is None and s.detached_at < limit]:
-            del self._sessions[key]
+            for job in self._sessions.pop(key).jobs:
+                job.cancel()
 
     def owed(self) -> int:
         return sum(s.owed() for s in self._sessions.values())

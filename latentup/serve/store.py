@@ -22,11 +22,15 @@ OWN_FILE = re.compile(r"^\.?[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9
 
 @dataclass(frozen=True)
 class Entry:
-    path: Path
+    """A stored image: its file (``path``) or, in the shared store, its bytes (``data``)."""
+
+    path: Path | None
     mime: str
     expires: float
     size: int
     owner: str
+    name: str = ""
+    data: bytes | None = None
 
 
 class ImageStore:
@@ -57,7 +61,7 @@ class ImageStore:
         path = write_atomic(self.folder / f"{image_uuid}.{suffix}", lambda tmp: Path(tmp).write_bytes(data))
         with self._lock:
             self._index[image_uuid] = Entry(path, mime, time.monotonic() + min(ttl or self.ttl, self.ttl),
-                                            len(data), owner)
+                                            len(data), owner, path.name)
         return image_uuid, path.name
 
     def _pop(self, image_uuid: str) -> Entry:
@@ -88,9 +92,7 @@ class ImageStore:
             path.unlink(missing_ok=True)
         return len(paths)
 
-    def __len__(self) -> int:
-        return len(self._index)
-
-    @property
-    def bytes(self) -> int:
-        return self._bytes
+    def stats(self) -> tuple[int, int]:
+        """(images, bytes) held."""
+        with self._lock:
+            return len(self._index), self._bytes
