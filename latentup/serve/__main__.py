@@ -28,29 +28,41 @@ from latentup.serve.app import create_app
 from latentup.serve.fetch import UrlFetcher
 from latentup.serve.limits import Limits
 from latentup.serve.records import Records
+from latentup.serve.redis_link import DOWN, Link
+from latentup.serve.redis_queue import SharedQueue, create_group
+from latentup.serve.redis_records import RedisRecords
+from latentup.serve.redis_sessions import RedisSessions
+from latentup.serve.redis_store import RedisStore
+from latentup.serve.redis_worker import Worker
+from latentup.serve.tasks import TaskError
 from latentup.serve.service import Service
 from latentup.serve.sessions import Sessions
 from latentup.serve.store import ImageStore
 
-FREE_TEXT = ("weights", "host", "public_url", "store_dir", "autoencoder", "text_encoder")
+FREE_TEXT = ("weights", "host", "public_url", "store_dir", "autoencoder", "text_encoder", "redis_url")
+log = logging.getLogger("latentup.serve")
 PURGE_INTERVAL = 10.0  # seconds between deletions of expired outputs, records and sessions
 KEEPALIVE = 20.0  # seconds between WebSocket pings, and to wait for a pong (a message is acknowledged after both)
 POSITIVE = {"max_queue": int, "max_batch": int, "max_tasks_per_request": int, "task_timeout": float,
             "max_request_mb": float, "output_ttl": float, "session_ttl": float, "drain_timeout": float,
             "fetch_max_mb": float, "fetch_timeout": float, "max_prompt_chars": int, "max_step_megapixels": float,
             "max_inflight_per_key": int, "max_inflight_per_connection": int, "max_records_per_key": int,
-            "session_buffer_mb": float, "store_max_mb": float, "auth_timeout": float, "max_auth_kb": float}
+            "session_buffer_mb": float, "store_max_mb": float, "auth_timeout": float, "max_auth_kb": float,
+            "redis_claim_after": float}
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
 
 
 def _check(cfg: DictConfig) -> tuple[list[str], list[str]]:
     """One-line ConfigErrors for bad knobs; returns (API keys, fetch hosts)."""
-    for name, kind in {**POSITIVE, "batch_wait": float, "port": int}.items():
+    for name, kind in {**POSITIVE, "batch_wait": float, "port": int, "model_workers": int}.items():
         value = cfg[name]
-        low = 0 if name in ("batch_wait", "port") else (1 if kind is int else 1e-9)
+        low = 0 if name in ("batch_wait", "port", "model_workers") else (1 if kind is int else 1e-9)
         if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int) or value < low:
             raise ConfigError(f"{name} must be {'an integer' if kind is int else 'a number'} >= {low:g}, got "
                               f"{value!r}")
+    if cfg.model_workers > 1:
+        raise ConfigError(f"model_workers must be 0 or 1 (one model per process: start more replicas for more), got "
+                          f"{cfg.model_workers}")
     if cfg.port > 65535:
         raise ConfigError(f"port must be 0..65535, got {cfg.port}")
     lists = {}
@@ -82,6 +94,19 @@ def _bind(host: str, port: int) -> socket.socket:
         sock.close()
         raise ConfigError(f"cannot listen on {host}:{port} ({error.strerror}): choose another host= or port=") from None
     return sock
+
+
+def _link(cfg: DictConfig) -> Link | None:
+    """The Redis link of ``redis_url`` (else ``LATENTUP_REDIS_URL``); None: everything stays in this process."""
+    url = cfg.redis_url or os.environ.get("LATENTUP_REDIS_URL") or None
+    if url is None:
+        if cfg.model_workers != 1:
+            raise ConfigError(f"model_workers={cfg.model_workers} needs redis_url (without it this process is the "
+                              "only worker): set redis_url or model_workers=1")
+        return None
+    link = Link(str(url))
+    create_group(link)
+    return link
 
 
 def _load(cfg: DictConfig):
@@ -140,28 +165,46 @@ def serve(cfg: DictConfig) -> None:
     address = f"{host}:{port}"
     # imageURLs without public_url: the request's Host, else this (never a wildcard address nobody can fetch from)
     fallback = f"http://{socket.gethostname() if str(cfg.host) in WILDCARD_HOSTS else host}:{port}"
+    link = _link(cfg)  # before the model loads: a Redis that is not there fails at once
     upscaler = _load(cfg)
     with contextlib.ExitStack() as stack:
-        folder = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="latentup-serve-"))
-        store = ImageStore(Path(str(folder)), cfg.output_ttl, int(cfg.store_max_mb * 2**20))
         fetch = UrlFetcher(fetch_hosts, int(cfg.fetch_max_mb * 2**20), cfg.fetch_timeout) if fetch_hosts else None
         limits = Limits(cfg.max_prompt_chars, cfg.max_step_megapixels, cfg.max_inflight_per_key,
                         cfg.max_inflight_per_connection)
+        store_bytes, buffer_bytes = int(cfg.store_max_mb * 2**20), int(cfg.session_buffer_mb * 2**20)
+        if link is None:
+            folder = cfg.store_dir or stack.enter_context(tempfile.TemporaryDirectory(prefix="latentup-serve-"))
+            store, queue = ImageStore(Path(str(folder)), cfg.output_ttl, store_bytes), None
+            records = Records(cfg.max_records_per_key, cfg.max_inflight_per_key)
+            sessions = Sessions(cfg.session_ttl, buffer_bytes, 2 * KEEPALIVE)
+        else:
+            store, queue = RedisStore(link, cfg.output_ttl, store_bytes), SharedQueue(link, cfg.max_queue,
+                                                                                     cfg.task_timeout)
+            records = RedisRecords(link, cfg.max_records_per_key, cfg.max_inflight_per_key,
+                                   cfg.task_timeout + cfg.redis_claim_after + cfg.output_ttl, buffer_bytes)
+            sessions = RedisSessions(link, cfg.session_ttl, buffer_bytes, 2 * KEEPALIVE, PURGE_INTERVAL)
         service = Service(upscaler, store, dict(max_queue=cfg.max_queue, max_batch=cfg.max_batch,
                                                 batch_wait=cfg.batch_wait), keys, fetch, cfg.task_timeout, limits,
-                          Records(cfg.max_records_per_key, cfg.max_inflight_per_key))
-        sessions = Sessions(cfg.session_ttl, int(cfg.session_buffer_mb * 2**20), 2 * KEEPALIVE)
+                          records, queue)
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
             async def purge():
                 while True:
                     await asyncio.sleep(PURGE_INTERVAL)
-                    await asyncio.to_thread(store.purge)
-                    await service.records.purge()
-                    await sessions.purge()
+                    try:
+                        await asyncio.to_thread(store.purge)
+                        await service.records.purge()
+                        await sessions.purge()
+                    except (TaskError, *DOWN) as error:  # Redis away: the next round
+                        log.warning("purge skipped: %s", error)
 
-            workers = [asyncio.ensure_future(service.batcher.run_forever()), asyncio.ensure_future(purge())]
+            loops = [service.batcher.run_forever(), purge()]
+            if link is not None:
+                loops.append(link.listen())
+                if cfg.model_workers:
+                    loops.append(Worker(link, service, cfg.redis_claim_after).run_forever())
+            workers = [asyncio.ensure_future(loop) for loop in loops]
             yield
             for worker in workers:
                 worker.cancel()

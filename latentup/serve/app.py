@@ -197,7 +197,12 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
             key_id = service.key_id(first.get("apiKey"))
             if key_id is not None:
                 resume = first.get("connectionSessionUUID")
-                session = await sessions.open(key_id, resume if isinstance(resume, str) else None)
+                try:
+                    session = await sessions.open(key_id, resume if isinstance(resume, str) else None)
+                except TaskError as error:  # the shared sessions are unreachable
+                    await websocket.send_text(dumps(message(error, "authentication")))
+                    await websocket.close(code=1013)  # try again later
+                    return None, []
                 await websocket.send_text(dumps({"data": [{"taskType": "authentication",
                                                            "connectionSessionUUID": session.uuid}]}))
                 await session.attach(websocket)

@@ -31,6 +31,7 @@ from latentup.serve.tasks import (UPSCALE_TYPES, Sources, TaskError, check_with_
 log = logging.getLogger("latentup.serve")
 HTTP_STATUS = {"missingApiKey": 401, "invalidApiKey": 401, "taskNotFound": 404, "conflictTaskUUID": 409,
                "requestTooLarge": 413, "rateLimitExceeded": 429, "queueFull": 503, "serverShuttingDown": 503,
+               "serviceUnavailable": 503,
                "timeoutProvider": 504, "internalError": 500}
 PNG_MODES = ("1", "L", "LA", "I;16", "P", "RGB", "RGBA")
 
@@ -229,13 +230,19 @@ class Service:
         return await self._finish(ticket, caller, answer)
 
     async def _finish(self, ticket: Ticket, caller: Caller, answer: dict) -> dict | None:
+        """Give ``answer`` to the task's claim. What the caller gets: this answer, or the one the claim got first
+        (another replica's worker); None when that went to the caller's shared session."""
         try:
-            await self.records.finish(caller.key_id, ticket.task_uuid, ticket.token, answer, self.store.ttl,
-                                      caller.session)
+            if await self.records.finish(caller.key_id, ticket.task_uuid, ticket.token, answer, self.store.ttl,
+                                         caller.session):
+                return None if caller.session else answer
+            record = await self.records.get(caller.key_id, ticket.task_uuid)
+            if record is None or record.token != ticket.token or not record.done:  # lost with Redis' state
+                return answer
+            return None if caller.session else await self.stored_answer(record, caller.key_id, ticket.task_uuid)
         except TaskError as error:  # the shared table is unreachable: the caller gets the answer from here
             log.warning("task %s: its answer was not recorded (%s)", ticket.task_uuid, error)
             return answer
-        return None if caller.session else answer
 
     async def _guard(self, work, task_type, task_uuid) -> dict:
         try:
@@ -288,9 +295,18 @@ class Service:
         data = await self._read(parsed.image, parsed.image_parameter, caller)
         image, input_uuid = await asyncio.to_thread(load_input, parsed, Sources(lookup=lambda image_uuid: None), data)
         self.limits.check_cost(self.upscaler.settings(**parsed.settings).steps, *image.size)
-        if self.queue is not None:
+        if self.queue is not None:  # answered by a worker; what the claim got is read back by _finish
             return await self.queue.run(parsed, data, caller, ticket, accepted)
         return await self.produce(parsed, image, input_uuid, caller.key_id, caller.base_url, ticket.place)
+
+    async def run_queued(self, parsed, data: bytes, owner: str, base_url: str) -> dict:
+        """The answer to a task of the shared queue (its input as read by its front-end), made here."""
+        async def work():
+            image, input_uuid = await asyncio.to_thread(load_input, parsed, Sources(lookup=lambda image_uuid: None),
+                                                        data)
+            return await self.produce(parsed, image, input_uuid, owner, base_url, None)
+
+        return await self._guard(work(), parsed.task_type, parsed.task_uuid)
 
     async def produce(self, parsed, image, input_uuid: str, owner: str, base_url: str, place: Place | None) -> dict:
         """Run one task on this process's model (in its queue ``place``) and store its output: the answer."""

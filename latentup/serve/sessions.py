@@ -25,6 +25,14 @@ CLEAN_CLOSE = (1000, 1001)  # the client said goodbye: what it did not read, it 
 TAKEN_OVER = 4000  # close code of a socket whose session another connection resumed
 
 
+def overflow(text: str, message: dict) -> str:
+    """What waits in a session instead of ``message`` (as ``text``) when it does not fit."""
+    item = (message.get("data") or message.get("errors") or [{}])[0]
+    error = TaskError("sessionBufferFull", f"an answer of {len(text)} bytes did not fit in the session's buffer "
+                      "while the client was away: resume sooner, or ask for outputType URL")
+    return dumps({"errors": [error_object(error, item.get("taskType"), item.get("taskUUID"))]})
+
+
 class Session:
     def __init__(self, key_id: str, max_bytes: int, ack_after: float):
         self.uuid, self.key_id, self.max_bytes, self.ack_after = str(uuid.uuid4()), key_id, max_bytes, ack_after
@@ -75,10 +83,7 @@ class Session:
 
     def _keep(self, text: str, message: dict) -> None:
         if self.buffered_bytes() + len(text) > self.max_bytes:
-            item = (message.get("data") or message.get("errors") or [{}])[0]
-            error = TaskError("sessionBufferFull", f"an answer of {len(text)} bytes did not fit in the session's "
-                              "buffer while the client was away: resume sooner, or ask for outputType URL")
-            text = dumps({"errors": [error_object(error, item.get("taskType"), item.get("taskUUID"))]})
+            text = overflow(text, message)
         self.buffer.append(text)
 
     def buffered_bytes(self) -> int:

@@ -1,0 +1,246 @@
+"""Many replicas of `python -m latentup.serve` sharing one real `redis-server` (issue 28): uploads, results, sessions,
+taskUUIDs, caps and keys span replicas; a replica killed holding a task loses nothing; a Redis restart is survived.
+The tests drive two replicas (A, B) on loopback with a tiny random-weight model; redis-server runs on a free port in
+a temporary folder (Debian's package, installed by .ci/run: these tests fail, never skip, without it)."""
+
+import asyncio
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+import redis
+
+from conftest import REPO
+from test_serve import KEY, KILLED_CLIENT, pipeline_dir, post, start_server, task  # noqa: F401
+from test_serve_hostile import OTHER, authenticate, receive_until, small_png, ws_url
+from test_serve_state import CAPS, check_inflight_cap, check_record_cap, check_session_buffer_cap, wait_idle
+
+OTHER_BEARER = {"Authorization": f"Bearer {OTHER}"}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class RedisServer:
+    """A redis-server of its own on a free loopback port, its append-only file in ``folder`` (so a restart keeps
+    what was accepted)."""
+
+    def __init__(self, folder):
+        if shutil.which("redis-server") is None:
+            pytest.fail("redis-server is not installed: apt-get install redis-server (.ci/run does)")
+        self.folder, self.port, self.process = folder, free_port(), None
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(["redis-server", "--port", str(self.port), "--bind", "127.0.0.1",
+                                         "--dir", str(self.folder), "--save", "", "--appendonly", "yes",
+                                         "--appendfsync", "always"], stdout=subprocess.DEVNULL)
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                return
+            except redis.ConnectionError:
+                assert time.monotonic() < deadline, "redis-server did not start"
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def redis_server(tmp_path_factory):
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+def replica(pipeline_dir, url, *overrides):  # noqa: F811
+    saved = dict(os.environ)
+    os.environ["LATENTUP_API_KEYS"] = OTHER
+    try:
+        return start_server(pipeline_dir, f"redis_url={url}", "redis_claim_after=2", *overrides)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def stop(process) -> None:
+    if process.poll() is None:
+        process.kill()
+    process.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def replicas(pipeline_dir, redis_server):  # noqa: F811
+    with ThreadPoolExecutor(2) as pool:  # started side by side
+        started = list(pool.map(lambda _: replica(pipeline_dir, redis_server.url, *CAPS), range(2)))
+    yield [base for _, base in started]
+    for process, _ in started:
+        stop(process)
+
+
+def until_answered(base, task_uuid, headers=None, timeout=60.0) -> dict:
+    """getResponse on ``base`` until the task is no longer processing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        got = post(base, [{"taskType": "getResponse", "taskUUID": task_uuid}], **({"headers": headers} if headers
+                                                                                  else {})).json()
+        item = (got.get("data") or got.get("errors"))[0]
+        if item.get("status") != "processing":
+            return item
+        assert time.monotonic() < deadline, "never answered"
+        time.sleep(0.1)
+
+
+def test_upload_on_a_upscaled_on_b(replicas):
+    """An upload on A is an input on B (for its key only); the output's URL is served by both."""
+    a, b = replicas
+    upload = post(a, [{"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": small_png()}]).json()
+    image_uuid = upload["data"][0]["imageUUID"]
+    item = post(b, [task(image_uuid, outputType="URL")]).json()["data"][0]
+    assert item["status"] == "success" and item["inputImageUUID"] == image_uuid
+    name = item["imageURL"].rpartition("/")[2]
+    for base in (a, b):
+        got = httpx.get(f"{base}/image/{name}")
+        assert got.status_code == 200 and got.headers["content-type"] == "image/png" and got.content
+    foreign = post(b, [task(image_uuid)], headers=OTHER_BEARER).json()["errors"][0]
+    assert foreign["code"] == "invalidParameter"  # another key's upload is no input of this one
+
+
+def test_async_on_a_answered_on_b(replicas):
+    """An async task accepted by A is answered by getResponse on B, and to its own key only."""
+    a, b = replicas
+    one = task(small_png(), deliveryMethod="async")
+    assert post(a, [one]).json()["data"][0]["status"] == "processing"
+    item = until_answered(b, one["taskUUID"])
+    assert item["status"] == "success" and item["imageBase64Data"]
+    assert until_answered(b, one["taskUUID"], OTHER_BEARER)["code"] == "taskNotFound"
+
+
+def test_task_uuid_conflict_across_replicas(replicas):
+    """A taskUUID used on A is a conflict on B for the same key, and free for another key."""
+    a, b = replicas
+    upload = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": small_png()}
+    assert "imageUUID" in post(a, [upload]).json()["data"][0]
+    assert post(b, [upload]).json()["errors"][0]["code"] == "conflictTaskUUID"
+    assert "imageUUID" in post(b, [upload], headers=OTHER_BEARER).json()["data"][0]
+
+
+def test_session_resumed_on_b(replicas):
+    """A WebSocket client killed while its task runs on A resumes its session on B and gets the answer once."""
+    a, b = replicas
+    slow = task(small_png(), outputType="URL", settings={"steps": 40, "seed": 5})  # fits the 2 kB session cap
+    client = subprocess.Popen([sys.executable, "-c", KILLED_CLIENT, ws_url(a), KEY, json.dumps([slow])],
+                              stdout=subprocess.PIPE, text=True)
+    session = client.stdout.readline().strip()
+    deadline = time.monotonic() + 30
+    while not httpx.get(f"{a}/health").json()["inFlight"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    client.send_signal(signal.SIGKILL)
+    client.wait(timeout=30)
+
+    async def resume():
+        ws, resumed = await authenticate(ws_url(b), session=session)
+        try:
+            assert resumed == session
+            messages = [await receive_until(ws, slow["taskUUID"])]
+            await ws.send(json.dumps([{"taskType": "ping", "ping": True}]))
+            while "pong" not in (messages[-1].get("data") or [{}])[0]:
+                messages.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            return messages
+        finally:
+            await ws.close()
+
+    messages = asyncio.run(resume())
+    results = [m for m in messages if (m.get("data") or [{}])[0].get("taskUUID") == slow["taskUUID"]]
+    assert len(results) == 1 and results[0]["data"][0]["imageURL"], messages
+
+
+def test_record_cap_across_replicas(replicas):
+    check_record_cap(*replicas)
+
+
+def test_inflight_cap_across_replicas(replicas):
+    check_inflight_cap(*replicas)
+
+
+def test_session_buffer_cap_across_replicas(replicas):
+    check_session_buffer_cap(*replicas)
+
+
+def test_killed_replica_loses_no_task(pipeline_dir, redis_server):  # noqa: F811
+    """A replica SIGKILLed while its worker runs an accepted async task: another replica takes the task over after
+    redis_claim_after (2 s) and answers it, once; the stream ends empty."""
+    url = redis_server.url.replace("/0", "/1")  # a database of its own: no other worker takes the task
+    first, a = replica(pipeline_dir, url)
+    one = task(small_png(), deliveryMethod="async", settings={"steps": 400, "seed": 1})
+    try:
+        assert post(a, [one]).json()["data"][0]["status"] == "processing"
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{a}/health").json()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        first.send_signal(signal.SIGKILL)
+        first.wait(timeout=30)
+    second, b = replica(pipeline_dir, url)
+    try:
+        item = until_answered(b, one["taskUUID"], timeout=120)
+        assert item["status"] == "success" and item["imageBase64Data"], item
+        assert httpx.get(f"{b}/health").json()["tasksRun"] == 1
+        client = redis.Redis(port=redis_server.port, db=1)
+        assert client.xlen("latentup:tasks") == 0 and client.xpending("latentup:tasks", "workers")["pending"] == 0
+    finally:
+        stop(second)
+
+
+def test_redis_down_at_start_is_one_line_and_exit_2(pipeline_dir):  # noqa: F811
+    process = subprocess.run([sys.executable, "-m", "latentup.serve", f"weights={pipeline_dir}", "port=0",
+                              f"redis_url=redis://127.0.0.1:{free_port()}/0"], cwd=REPO, capture_output=True,
+                             text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert process.returncode == 2 and process.stdout == ""
+    assert process.stderr.startswith("error: cannot reach Redis at redis://127.0.0.1:")
+    assert process.stderr.count("\n") == 1
+
+
+def test_redis_restarted(replicas, redis_server):
+    """Redis stopped under two serving replicas: tasks get serviceUnavailable (503), an async task accepted before
+    stays accepted; Redis back (its append-only file kept): both replicas serve again and the task is answered."""
+    a, b = replicas
+    wait_idle(a, b)
+    one = task(small_png(), deliveryMethod="async", settings={"steps": 60, "seed": 2})
+    assert post(a, [one]).json()["data"][0]["status"] == "processing"
+    redis_server.stop()
+    try:
+        refused = post(b, [task(small_png())])
+        assert refused.status_code == 503 and refused.json()["errors"][0]["code"] == "serviceUnavailable"
+        assert post(a, [{"taskType": "ping", "ping": True}]).json()["data"][0]["pong"]
+    finally:
+        redis_server.start()
+    deadline = time.monotonic() + 60
+    while True:  # the replicas reconnect on their own
+        answer = post(b, [task(small_png())]).json()
+        if "data" in answer and answer["data"]:
+            break
+        assert answer["errors"][0]["code"] == "serviceUnavailable" and time.monotonic() < deadline
+        time.sleep(0.2)
+    assert answer["data"][0]["status"] == "success"
+    assert post(a, [task(small_png())]).json()["data"][0]["status"] == "success"
+    assert until_answered(b, one["taskUUID"], timeout=120)["status"] == "success"
