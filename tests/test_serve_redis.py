@@ -1,6 +1,7 @@
 """Many replicas of `python -m latentup.serve` sharing one real `redis-server` (issue 28): uploads, results, sessions,
 taskUUIDs, caps and keys span replicas; a replica killed holding a task loses nothing; a Redis restart is survived.
-The tests drive two replicas (A, B) on loopback with a tiny random-weight model; redis-server runs on a free port in
+The tests drive two replicas on loopback with a tiny random-weight model (A with a model worker, B a front-end
+only, model_workers=0); redis-server runs on a free port in
 a temporary folder (Debian's package, installed by .ci/run: these tests fail, never skip, without it)."""
 
 import asyncio
@@ -88,8 +89,9 @@ def stop(process) -> None:
 
 @pytest.fixture(scope="module")
 def replicas(pipeline_dir, redis_server):  # noqa: F811
-    with ThreadPoolExecutor(2) as pool:  # started side by side
-        started = list(pool.map(lambda _: replica(pipeline_dir, redis_server.url, *CAPS), range(2)))
+    with ThreadPoolExecutor(2) as pool:  # started side by side; B is a front-end only: A's worker runs every task
+        started = list(pool.map(lambda workers: replica(pipeline_dir, redis_server.url, *CAPS,
+                                                        f"model_workers={workers}"), (1, 0)))
     yield [base for _, base in started]
     for process, _ in started:
         stop(process)
@@ -121,6 +123,7 @@ def test_upload_on_a_upscaled_on_b(replicas):
         assert got.status_code == 200 and got.headers["content-type"] == "image/png" and got.content
     foreign = post(b, [task(image_uuid)], headers=OTHER_BEARER).json()["errors"][0]
     assert foreign["code"] == "invalidParameter"  # another key's upload is no input of this one
+    assert httpx.get(f"{b}/health").json()["tasksRun"] == 0  # B runs no model: A's worker ran it
 
 
 def test_async_on_a_answered_on_b(replicas):
@@ -211,6 +214,53 @@ def test_killed_replica_loses_no_task(pipeline_dir, redis_server):  # noqa: F811
         stop(second)
 
 
+def test_a_claim_is_answered_once(redis_server):
+    """Two finishes of one claim (two workers ran the task, or a front-end timed it out as a worker finished it):
+    the first wins, and only it reaches the task's session; a finish of an older claim of the same UUID is
+    ignored."""
+    from latentup.serve.redis_link import Link
+    from latentup.serve.redis_records import RedisRecords
+    from latentup.serve.redis_sessions import RedisSessions
+
+    async def main():
+        link = Link(redis_server.url.replace("/0", "/2"))
+        records = RedisRecords(link, 10, 10, 60, 2**20)
+        session = await RedisSessions(link, 60, 2**20, 40, 10).open("k")
+        token = await records.claim("k", "u", "upscale", False)
+        answers = [{"data": [{"taskType": "upscale", "taskUUID": "u", "n": n}]} for n in (1, 2)]
+        won = [await records.finish("k", "u", token, answer, 60, session.uuid) for answer in answers]
+        waiting = await link.aio.lrange(session.keys[1], 0, -1)
+        stale = await records.finish("k", "u", "an older claim", answers[1], 60)
+        record = await records.get("k", "u")
+        await link.aio.aclose()
+        return won, [json.loads(text)["data"][0]["n"] for text in waiting], stale, record.answer
+
+    won, waiting, stale, answer = asyncio.run(main())
+    assert won == [True, False] and waiting == [1] and not stale and answer["data"][0]["n"] == 1
+
+
+def test_expired_shared_session_stops_its_tasks(redis_server):
+    """A detached session that expired in Redis: the replica where its tasks run stops them at its next purge."""
+    from latentup.serve.redis_link import Link
+    from latentup.serve.redis_sessions import RedisSessions
+
+    async def main():
+        link = Link(redis_server.url.replace("/0", "/2"))
+        sessions = RedisSessions(link, 0.2, 2**20, 40, 10)
+        session = await sessions.open("k")
+        job = asyncio.ensure_future(asyncio.sleep(60))
+        session.track(job)
+        await sessions.purge()
+        alive = not job.done()
+        await asyncio.sleep(0.4)
+        await sessions.purge()
+        await asyncio.sleep(0)
+        await link.aio.aclose()
+        return alive, job.cancelled(), len(sessions)
+
+    assert asyncio.run(main()) == (True, True, 0)
+
+
 def test_redis_down_at_start_is_one_line_and_exit_2(pipeline_dir):  # noqa: F811
     process = subprocess.run([sys.executable, "-m", "latentup.serve", f"weights={pipeline_dir}", "port=0",
                               f"redis_url=redis://127.0.0.1:{free_port()}/0"], cwd=REPO, capture_output=True,
@@ -225,12 +275,14 @@ def test_redis_restarted(replicas, redis_server):
     stays accepted; Redis back (its append-only file kept): both replicas serve again and the task is answered."""
     a, b = replicas
     wait_idle(a, b)
-    one = task(small_png(), deliveryMethod="async", settings={"steps": 60, "seed": 2})
+    one = task(small_png(), deliveryMethod="async", settings={"steps": 400, "seed": 2})
     assert post(a, [one]).json()["data"][0]["status"] == "processing"
-    redis_server.stop()
+    redis_server.stop()  # while the task runs
     try:
         refused = post(b, [task(small_png())])
         assert refused.status_code == 503 and refused.json()["errors"][0]["code"] == "serviceUnavailable"
+        asked = post(b, [{"taskType": "getResponse", "taskUUID": one["taskUUID"]}]).json()
+        assert asked["errors"][0]["code"] == "serviceUnavailable"
         assert post(a, [{"taskType": "ping", "ping": True}]).json()["data"][0]["pong"]
     finally:
         redis_server.start()

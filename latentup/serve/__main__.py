@@ -186,6 +186,7 @@ def serve(cfg: DictConfig) -> None:
         service = Service(upscaler, store, dict(max_queue=cfg.max_queue, max_batch=cfg.max_batch,
                                                 batch_wait=cfg.batch_wait), keys, fetch, cfg.task_timeout, limits,
                           records, queue)
+        worker = Worker(link, service, cfg.redis_claim_after) if link is not None and cfg.model_workers else None
 
         @contextlib.asynccontextmanager
         async def lifespan(app):
@@ -202,12 +203,12 @@ def serve(cfg: DictConfig) -> None:
             loops = [service.batcher.run_forever(), purge()]
             if link is not None:
                 loops.append(link.listen())
-                if cfg.model_workers:
-                    loops.append(Worker(link, service, cfg.redis_claim_after).run_forever())
-            workers = [asyncio.ensure_future(loop) for loop in loops]
+            if worker is not None:
+                loops.append(worker.run_forever())
+            running = [asyncio.ensure_future(loop) for loop in loops]
             yield
-            for worker in workers:
-                worker.cancel()
+            for loop in running:
+                loop.cancel()
             service.batcher.close()
 
         max_bytes, max_auth_bytes = int(cfg.max_request_mb * 2**20), int(cfg.max_auth_kb * 2**10)
@@ -217,7 +218,8 @@ def serve(cfg: DictConfig) -> None:
         config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, ws_max_size=max_bytes,
                                 ws=first_frame_capped(max_auth_bytes), ws_ping_interval=KEEPALIVE,
                                 ws_ping_timeout=KEEPALIVE, lifespan="on")
-        Server(config, service, app.state.pending, cfg.drain_timeout,
+        held = (lambda: len(worker.held)) if worker is not None else (lambda: 0)  # queued tasks this worker runs
+        Server(config, service, lambda: app.state.pending() + held(), cfg.drain_timeout,
                f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])
 
 

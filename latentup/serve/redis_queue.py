@@ -47,7 +47,7 @@ class SharedQueue:
         try:
             await self._add({"owner": caller.key_id, "uuid": ticket.task_uuid, "token": ticket.token,
                              "task": json.dumps(dataclasses.asdict(parsed)), "data": data, "base": caller.base_url,
-                             "session": caller.session or ""})
+                             "session": ticket.session or ""})
             accepted.set_result(None)
             await asyncio.wait_for(self.waiters[waiting], self.task_timeout)
         except asyncio.TimeoutError:

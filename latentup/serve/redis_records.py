@@ -94,7 +94,8 @@ class RedisRecords:
 
     @guarded
     async def get(self, owner: str, task_uuid: str) -> Record | None:
-        fields = {k.decode(): v.decode() for k, v in (await self.link.aio.hgetall(key("rec", owner, task_uuid))).items()}
+        stored = await self.link.aio.hgetall(key("rec", owner, task_uuid))
+        fields = {k.decode(): v.decode() for k, v in stored.items()}
         if not fields:
             return None
         image = json.loads(fields["image"]) if fields.get("image") else None

@@ -2,14 +2,14 @@
 it did not receive, once, wherever it was made.
 
 A session is a hash (API key id, the replica holding its socket, byte counts) with two lists: ``buf``, answers
-waiting for a socket, and ``sent``, answers written to a socket and not yet known received (``time text``). Whoever
-makes an answer pushes it to ``buf`` (while no socket holds the session, at most ``max_bytes``: beyond, the short
-``sessionBufferFull`` error in its place) and notes the holder, whose pump moves it to the socket and to ``sent``. Delivery is acknowledged as in
-``sessions.py``: ``sent`` forgets a message once the socket outlived it by ``ack_after`` seconds; a clean close
-forgets them all; any other loss, and any resume (on this replica or another, even after this one was killed),
-gives them back to the head of ``buf``. A resume elsewhere tells the old holder to close its socket. The holder
-keeps the keys alive; a detached session expires ``ttl`` seconds later, and the tasks still running for it here are
-stopped. The scripts are atomic, so two replicas never both send one message.
+waiting for a socket, and ``sent``, answers written to a socket and not yet known received (``time text``).
+Whoever makes an answer pushes it to ``buf`` (while no socket holds the session, at most ``max_bytes``: beyond, the
+short ``sessionBufferFull`` error in its place) and notes the holder, whose pump moves it to the socket and to
+``sent``. Delivery is acknowledged as in ``sessions.py``: ``sent`` forgets a message once the socket outlived it by
+``ack_after`` seconds; a clean close forgets them all; any other loss, and any resume (on this replica or another,
+even after this one was killed), gives them back to the head of ``buf``. A resume elsewhere tells the old holder to
+close its socket. The holder keeps the keys alive; a detached session expires ``ttl`` seconds later, and the tasks
+still running for it here are stopped. The scripts are atomic, so two replicas never both send one message.
 """
 
 import asyncio

@@ -68,7 +68,8 @@ class RedisStore:
         data, mime, owner, name = self.link.sync.hmget(key("image", image_uuid), "data", "mime", "owner", "name")
         if data is None:
             return None
-        return Entry(None, mime.decode(), float("inf"), len(data), owner.decode(), name.decode(), data)  # Redis expires it
+        expires = float("inf")  # Redis deletes it when it expires
+        return Entry(None, mime.decode(), expires, len(data), owner.decode(), name.decode(), data)
 
     def read(self, image_uuid: str, owner: str = "") -> bytes | None:
         """The bytes of a live image of ``owner``, else None."""

@@ -32,7 +32,7 @@ class Worker:
         next_claim, lost = 0.0, False
         while True:
             try:
-                if len(self.held) >= self.room:
+                if len(self.held) >= self.room or self.service.draining:  # draining: finish what is held only
                     await asyncio.sleep(0.02)
                     continue
                 entries = []

@@ -44,7 +44,7 @@ def message(error: TaskError, task_type=None, task_uuid=None) -> dict:
 class Caller:
     """Who sent a task: the API key's id (it scopes records, uploads and outputs), the base of the imageURLs it is
     given, its connection (counted against ``max_inflight_per_connection``; None: not counted) and its shared
-    session (Redis mode, WebSocket: its answers go to the session in Redis, whichever replica makes them)."""
+    session (Redis mode, WebSocket: its sync answers go to the session in Redis, whichever replica makes them)."""
 
     key_id: str
     base_url: str
@@ -54,13 +54,15 @@ class Caller:
 
 @dataclass
 class Ticket:
-    """What an accepted task holds: its claim (``token``), its queue place (in-process) and what to give back."""
+    """What an accepted task holds: its claim (``token``), its queue place (in-process), the shared session its
+    answer goes to (a sync task's, in Redis mode) and what to give back."""
 
     task_type: str
     task_uuid: str
     token: str
     keep: bool
     place: Place | None = None
+    session: str | None = None
     held: list = field(default_factory=list)
 
     def release(self) -> None:
@@ -171,6 +173,7 @@ class Service:
             ticket.place = await self._reserve()  # before decoding: a full queue costs the server nothing
             if ticket.place is not None:
                 ticket.held.append(ticket.place.release)
+        ticket.session = None if ticket.keep else caller.session  # async answers wait for getResponse
         try:
             if caller.connection is not None:
                 self.per_connection.acquire(caller.connection)
@@ -234,12 +237,12 @@ class Service:
         (another replica's worker); None when that went to the caller's shared session."""
         try:
             if await self.records.finish(caller.key_id, ticket.task_uuid, ticket.token, answer, self.store.ttl,
-                                         caller.session):
-                return None if caller.session else answer
+                                         ticket.session):
+                return None if ticket.session else answer
             record = await self.records.get(caller.key_id, ticket.task_uuid)
             if record is None or record.token != ticket.token or not record.done:  # lost with Redis' state
                 return answer
-            return None if caller.session else await self.stored_answer(record, caller.key_id, ticket.task_uuid)
+            return None if ticket.session else await self.stored_answer(record, caller.key_id, ticket.task_uuid)
         except TaskError as error:  # the shared table is unreachable: the caller gets the answer from here
             log.warning("task %s: its answer was not recorded (%s)", ticket.task_uuid, error)
             return answer
