@@ -284,6 +284,8 @@ def test_redis_restarted(replicas, redis_server):
         asked = post(b, [{"taskType": "getResponse", "taskUUID": one["taskUUID"]}]).json()
         assert asked["errors"][0]["code"] == "serviceUnavailable"
         assert post(a, [{"taskType": "ping", "ping": True}]).json()["data"][0]["pong"]
+        health = httpx.get(f"{a}/health")
+        assert health.status_code == 503 and health.json()["status"] == "unavailable"
     finally:
         redis_server.start()
     deadline = time.monotonic() + 60

@@ -227,7 +227,9 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
         return FileResponse(found.path, media_type=found.mime, headers=headers)
 
     async def health(request: Request) -> JSONResponse:
-        return JSONResponse({**await service.health(), "sessions": len(sessions)})
+        found = await service.health()
+        return JSONResponse({**found, "sessions": len(sessions)}, status_code=503 if found["status"] ==
+                            "unavailable" else 200)
 
     routes = [Route(path, rest, methods=["POST"]) for path in ("/v1", "/")]
     routes += [WebSocketRoute(path, socket) for path in ("/v1", "/")]

@@ -80,6 +80,13 @@ class Link:
     async def note(self, replica: str, **note) -> None:
         await self.aio.publish(self.channel(replica), json.dumps(note))
 
+    async def _dispatch(self, data: bytes) -> None:
+        try:
+            note = json.loads(data)
+            await self.handlers[note["kind"]](note)
+        except (ValueError, KeyError, TypeError) as error:  # not a note of ours: the ticks still look
+            log.warning("ignored a note on %s (%s: %s)", self.channel(self.id), type(error).__name__, error)
+
     async def listen(self) -> None:
         """Dispatch this replica's notes and call the ticks, reconnecting for as long as the server runs."""
         lost = False
@@ -93,8 +100,7 @@ class Link:
                 while True:
                     got = await pubsub.get_message(ignore_subscribe_messages=True, timeout=TICK)
                     if got is not None:
-                        note = json.loads(got["data"])
-                        await self.handlers[note["kind"]](note)
+                        await self._dispatch(got["data"])
                     for tick in self.ticks:
                         await tick()
             except DOWN + (TaskError,) as error:

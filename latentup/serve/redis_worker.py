@@ -27,7 +27,13 @@ class Worker:
         self._jobs: set[asyncio.Future] = set()
 
     async def run_forever(self) -> None:
-        asyncio.ensure_future(self._keep_fresh())
+        fresh = asyncio.ensure_future(self._keep_fresh())
+        try:
+            await self._read_forever()
+        finally:
+            fresh.cancel()
+
+    async def _read_forever(self) -> None:
         loop = asyncio.get_running_loop()
         next_claim, lost = 0.0, False
         while True:

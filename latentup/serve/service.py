@@ -364,12 +364,18 @@ class Service:
                           field_name: text if field_name == "imageBase64Data" else f"data:{mime};base64,{text}"}]}
 
     async def health(self) -> dict:
+        """Counters; ``status`` is ``unavailable`` (and the shared counts null) while Redis is unreachable."""
         batcher = self.batcher
-        images, size = await asyncio.to_thread(self.store.stats)
-        return {"status": "draining" if self.draining else "ok", "queued": len(batcher.jobs),
-                "running": batcher.running, "inFlight": self.in_flight, "batches": batcher.batches,
-                "tasksRun": batcher.done, "modelThreadRestarts": batcher.thread.restarts,
-                "storedImages": images, "storedBytes": size, "records": await self.records.count()}
+        try:
+            (images, size), records = await asyncio.to_thread(self.store.stats), await self.records.count()
+            status = "draining" if self.draining else "ok"
+        except TaskError:
+            images = size = records = None
+            status = "unavailable"
+        return {"status": status, "queued": len(batcher.jobs), "running": batcher.running,
+                "inFlight": self.in_flight, "batches": batcher.batches, "tasksRun": batcher.done,
+                "modelThreadRestarts": batcher.thread.restarts, "storedImages": images, "storedBytes": size,
+                "records": records}
 
     async def drain(self, pending=lambda: 0, timeout: float = 60.0) -> None:
         """Refuse new tasks, then wait (at most ``timeout`` s) until every accepted one is answered and
