@@ -5,6 +5,8 @@ only, model_workers=0); redis-server runs on a free port in
 a temporary folder (Debian's package, installed by .ci/run: these tests fail, never skip, without it)."""
 
 import asyncio
+import base64
+import io
 import json
 import os
 import shutil
@@ -19,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 import redis
+from PIL import Image
 
 from conftest import REPO
 from test_serve import KEY, KILLED_CLIENT, pipeline_dir, post, start_server, task  # noqa: F401
@@ -176,6 +179,28 @@ def test_session_resumed_on_b(replicas):
     assert len(results) == 1 and results[0]["data"][0]["imageURL"], messages
 
 
+def test_sdk_through_a_front_end(replicas, tmp_path):
+    """The official SDK on B (a front-end only): a local file (imageUpload, then upscale) is answered through the
+    session from A's worker."""
+    from runware import IImageUpscale, Runware
+
+    _, b = replicas
+    Image.open(io.BytesIO(base64.b64decode(small_png()))).save(tmp_path / "small.png")
+
+    async def main():
+        client = Runware(api_key=KEY, url=b.replace("http", "ws"))
+        await asyncio.wait_for(client.connect(), 30)
+        try:
+            return await asyncio.wait_for(client.imageUpscale(upscaleGanPayload=IImageUpscale(
+                inputImage=str(tmp_path / "small.png"), upscaleFactor=2, model="runware:502@1",
+                settings={"steps": 2, "seed": 1}, outputType="base64Data", outputFormat="PNG")), 60)
+        finally:
+            await client.disconnect()
+
+    [image] = asyncio.run(main())
+    assert Image.open(io.BytesIO(base64.b64decode(image.imageBase64Data))).size == (128, 96)
+
+
 def test_record_cap_across_replicas(replicas):
     check_record_cap(*replicas)
 
@@ -189,29 +214,47 @@ def test_session_buffer_cap_across_replicas(replicas):
 
 
 def test_killed_replica_loses_no_task(pipeline_dir, redis_server):  # noqa: F811
-    """A replica SIGKILLed while its worker runs an accepted async task: another replica takes the task over after
-    redis_claim_after (2 s) and answers it, once; the stream ends empty."""
-    url = redis_server.url.replace("/0", "/1")  # a database of its own: no other worker takes the task
+    """A replica SIGKILLed while its worker holds an accepted async task and a WebSocket client's sync task: another
+    replica takes both over after redis_claim_after (2 s) and answers each once (getResponse; the session resumed
+    there); the stream ends empty."""
+    url = redis_server.url.replace("/0", "/1")  # a database of its own: no other worker takes the tasks
     first, a = replica(pipeline_dir, url)
-    one = task(small_png(), deliveryMethod="async", settings={"steps": 400, "seed": 1})
-    try:
-        assert post(a, [one]).json()["data"][0]["status"] == "processing"
+    kept = task(small_png(), deliveryMethod="async", settings={"steps": 400, "seed": 1})
+    sync = task(small_png(), outputType="URL", settings={"steps": 400, "seed": 2})
+
+    async def run():
+        ws, session = await authenticate(ws_url(a))
+        await ws.send(json.dumps([sync]))
+        assert post(a, [kept]).json()["data"][0]["status"] == "processing"
         deadline = time.monotonic() + 30
         while not httpx.get(f"{a}/health").json()["running"]:
             assert time.monotonic() < deadline
-            time.sleep(0.01)
-    finally:
+            await asyncio.sleep(0.01)
         first.send_signal(signal.SIGKILL)
         first.wait(timeout=30)
-    second, b = replica(pipeline_dir, url)
+        second, b = await asyncio.to_thread(replica, pipeline_dir, url)
+        try:
+            ws, resumed = await authenticate(ws_url(b), session=session)
+            assert resumed == session
+            answers = [await receive_until(ws, sync["taskUUID"], timeout=120)]
+            await ws.send(json.dumps([{"taskType": "ping", "ping": True}]))
+            while "pong" not in (answers[-1].get("data") or [{}])[0]:
+                answers.append(json.loads(await asyncio.wait_for(ws.recv(), 10)))
+            await ws.close()
+            item = await asyncio.to_thread(until_answered, b, kept["taskUUID"], None, 120)
+            return answers, item, httpx.get(f"{b}/health").json()["tasksRun"]
+        finally:
+            stop(second)
+
     try:
-        item = until_answered(b, one["taskUUID"], timeout=120)
-        assert item["status"] == "success" and item["imageBase64Data"], item
-        assert httpx.get(f"{b}/health").json()["tasksRun"] == 1
-        client = redis.Redis(port=redis_server.port, db=1)
-        assert client.xlen("latentup:tasks") == 0 and client.xpending("latentup:tasks", "workers")["pending"] == 0
+        answers, item, run_there = asyncio.run(run())
     finally:
-        stop(second)
+        stop(first)
+    assert item["status"] == "success" and item["imageBase64Data"], item
+    assert [m["data"][0]["status"] for m in answers[:-1]] == ["success"], answers  # once
+    assert run_there == 2
+    client = redis.Redis(port=redis_server.port, db=1)
+    assert client.xlen("latentup:tasks") == 0 and client.xpending("latentup:tasks", "workers")["pending"] == 0
 
 
 def test_a_claim_is_answered_once(redis_server):
@@ -262,9 +305,11 @@ def test_expired_shared_session_stops_its_tasks(redis_server):
 
 
 def test_redis_down_at_start_is_one_line_and_exit_2(pipeline_dir):  # noqa: F811
-    process = subprocess.run([sys.executable, "-m", "latentup.serve", f"weights={pipeline_dir}", "port=0",
-                              f"redis_url=redis://127.0.0.1:{free_port()}/0"], cwd=REPO, capture_output=True,
-                             text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """Also the environment's LATENTUP_REDIS_URL is used."""
+    url = f"redis://127.0.0.1:{free_port()}/0"
+    process = subprocess.run([sys.executable, "-m", "latentup.serve", f"weights={pipeline_dir}", "port=0"], cwd=REPO,
+                             capture_output=True, text=True, timeout=120,
+                             env={**os.environ, "OMP_NUM_THREADS": "1", "LATENTUP_REDIS_URL": url})
     assert process.returncode == 2 and process.stdout == ""
     assert process.stderr.startswith("error: cannot reach Redis at redis://127.0.0.1:")
     assert process.stderr.count("\n") == 1
