@@ -2,6 +2,7 @@
 
     python -m latentup.serve weights=sd-x2-latent-upscaler/ port=8765
     LATENTUP_API_KEYS=k1,k2 python -m latentup.serve host=0.0.0.0
+    python -m latentup.serve redis_url=redis://127.0.0.1:6379/0      # one of many replicas sharing a Redis
 
 Prints ``serving on http://HOST:PORT (ws://HOST:PORT/v1)`` once it accepts connections. SIGINT / SIGTERM drain:
 accepted tasks finish and are delivered (at most ``drain_timeout`` s), new ones get a ``serverShuttingDown`` error;

@@ -5,7 +5,9 @@ Task types: ``ping``, ``imageUpload``, ``upscale`` / ``imageUpscale`` (through t
 (``records.py``), its upload and output (``store.py``). A task is checked and its place in the queue reserved before
 it is accepted (a refusal claims nothing, so its taskUUID can be sent again); inputs are fetched with async I/O and
 decoded, outputs encoded and stored, in worker threads, so the event loop never blocks. Upscales wait in the
-:class:`Batcher`; a model-side failure is the server's ``internalError``, never the client's ``invalidParameter``.
+:class:`Batcher` (in Redis mode: in the shared stream, run by whichever replica's worker takes them); a model-side
+failure is the server's ``internalError``, never the client's ``invalidParameter``. Every accepted task ends with
+its claim answered once, by whoever answers first (a worker, or this front-end on a timeout or a stop).
 """
 
 import asyncio
