@@ -1,14 +1,13 @@
-"""Where the YAML configs are: the package data ``latentup.configs`` of an installed wheel (``pyproject.toml`` maps
-the top-level ``configs/`` folder there), else the checkout's ``configs/``."""
+"""Where the YAML configs are: ``latentup/configs/`` inside an installed wheel (``pyproject.toml`` maps the
+top-level ``configs/`` folder there as package data), else the checkout's ``configs/`` beside ``latentup/``."""
 
-from importlib import resources
 from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parent
 
 
 def config_dir(group: str = "") -> Path:
     """The folder of config group ``group`` (``""``: the root), e.g. ``config_dir("degradation")``."""
-    try:
-        root = Path(str(resources.files("latentup.configs")))
-    except ModuleNotFoundError:
-        root = Path(__file__).resolve().parents[1] / "configs"
+    installed = PACKAGE / "configs"
+    root = installed if installed.is_dir() else PACKAGE.parent / "configs"
     return root / group if group else root
