@@ -343,3 +343,97 @@ def test_redis_restarted(replicas, redis_server):
     assert answer["data"][0]["status"] == "success"
     assert post(a, [task(small_png())]).json()["data"][0]["status"] == "success"
     assert until_answered(b, one["taskUUID"], timeout=120)["status"] == "success"
+
+
+def test_session_buffer_capped_while_held(redis_server):
+    """The session_buffer cap holds while a socket holds the session too (a client that does not read its
+    answers): beyond it, each answer waits as a short sessionBufferFull error."""
+    from latentup.serve.redis_link import Link
+    from latentup.serve.redis_sessions import RedisSessions
+
+    async def main():
+        link = Link(redis_server.url.replace("/0", "/2"))
+        session = await RedisSessions(link, 60, 1000, 40, 10).open("k")
+        await link.aio.hset(session.keys[0], "holder", "a-replica-elsewhere")
+        for n in range(5):
+            await session.deliver({"data": [{"taskType": "upscale", "taskUUID": str(n), "pad": "x" * 300}]})
+        waiting = [json.loads(text) for text in await link.aio.lrange(session.keys[1], 0, -1)]
+        await link.aio.aclose()
+        return ["data" if "data" in m else m["errors"][0]["code"] for m in waiting]
+
+    assert asyncio.run(main()) == ["data"] * 2 + ["sessionBufferFull"] * 3
+
+
+@pytest.fixture(scope="module")
+def lone(pipeline_dir, tmp_path_factory):  # noqa: F811
+    """A redis-server of its own (restarted empty by the last test) and a replica with a model worker on it."""
+    server = RedisServer(tmp_path_factory.mktemp("lone-redis"))
+    server.start()
+    process, base = replica(pipeline_dir, server.url, "drain_timeout=1")
+    yield server, base
+    stop(process)
+    server.stop()
+
+
+def test_stopped_front_end_leaves_its_queued_task_to_the_worker(pipeline_dir, lone):  # noqa: F811
+    """A front-end stopped (SIGTERM) while its async task waits in the stream behind a busy worker: the worker
+    answers the task, and getResponse on another replica returns the real answer, not serverShuttingDown."""
+    server, a = lone
+    front, b = replica(pipeline_dir, server.url, "model_workers=0", "drain_timeout=1")
+    busy = ThreadPoolExecutor(1)
+    try:
+        busy.submit(post, a, [task(small_png(), settings={"steps": 400, "seed": 1})])
+        deadline = time.monotonic() + 30
+        while not httpx.get(f"{a}/health").json()["running"]:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        later = task(small_png(), deliveryMethod="async", settings={"steps": 2, "seed": 2})
+        assert post(b, [later]).json()["data"][0]["status"] == "processing"
+        front.send_signal(signal.SIGTERM)
+        assert front.wait(timeout=30) == 0
+        item = until_answered(a, later["taskUUID"], timeout=120)
+        assert item["status"] == "success" and item["imageBase64Data"], item
+    finally:
+        busy.shutdown()
+        stop(front)
+
+
+def test_malformed_stream_entry_is_acknowledged(lone):
+    """An entry the worker cannot read is answered (its claim gets internalError) and acknowledged once, not taken
+    over again and again; the worker goes on serving."""
+    server, a = lone
+    client = redis.Redis(port=server.port)
+    client.xadd("latentup:tasks", {"owner": "nobody", "uuid": str(uuid.uuid4()), "token": "t", "task": "{not json"})
+    client.xadd("latentup:tasks", {"what": "no fields of ours"})
+    deadline = time.monotonic() + 20
+    while client.xlen("latentup:tasks") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert client.xlen("latentup:tasks") == 0 and client.xpending("latentup:tasks", "workers")["pending"] == 0
+    assert post(a, [task(small_png())]).json()["data"][0]["status"] == "success"
+
+
+def test_session_survives_redis_restarted_empty(lone):
+    """Redis restarted WITHOUT its data under a live WebSocket: the session's hash is gone, yet the next sync
+    answer on that socket arrives (the replica holding it recreates it), not silently dropped."""
+    server, a = lone
+    first, second = (task(small_png(), settings={"steps": 2, "seed": s}) for s in (1, 2))
+
+    async def main():
+        ws, _ = await authenticate(ws_url(a))
+        await ws.send(json.dumps([first]))
+        before = await receive_until(ws, first["taskUUID"])
+        server.stop()
+        shutil.rmtree(server.folder)
+        server.folder.mkdir()
+        server.start()
+        deadline = time.monotonic() + 60
+        while "data" not in (await asyncio.to_thread(post, a, [task(small_png())])).json():  # back to serving
+            assert time.monotonic() < deadline
+            await asyncio.sleep(0.2)
+        await ws.send(json.dumps([second]))
+        after = await receive_until(ws, second["taskUUID"], timeout=30)
+        await ws.close()
+        return before, after
+
+    before, after = asyncio.run(main())
+    assert before["data"][0]["status"] == "success" and after["data"][0]["status"] == "success", after

@@ -154,7 +154,11 @@ class Server(uvicorn.Server):
             print(self.ready_line, flush=True)
 
     async def shutdown(self, sockets=None) -> None:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
         await self.service.drain(self.pending, self.drain_timeout)
+        # what is left of drain_timeout for connections that still do not end (a request body that drips)
+        self.config.timeout_graceful_shutdown = max(0.5, self.drain_timeout - (loop.time() - start))
         await super().shutdown(sockets)
 
 
@@ -200,6 +204,15 @@ def serve(cfg: DictConfig) -> None:
                         await sessions.purge()
                     except (TaskError, *DOWN) as error:  # Redis away: the next round
                         log.warning("purge skipped: %s", error)
+                    except Exception as error:  # never end the loop: log it and go on
+                        log.error("purge failed (%s: %s): the next round in %g s", type(error).__name__, error,
+                                  PURGE_INTERVAL)
+
+            def ended(loop: asyncio.Future) -> None:  # a loop that ends while serving: say so, and in /health
+                if not loop.cancelled():
+                    error = loop.exception()
+                    log.error("a background loop ended (%s): /health says unavailable", error or "returned")
+                    service.broken = True
 
             loops = [service.batcher.run_forever(), purge()]
             if link is not None:
@@ -207,6 +220,8 @@ def serve(cfg: DictConfig) -> None:
             if worker is not None:
                 loops.append(worker.run_forever())
             running = [asyncio.ensure_future(loop) for loop in loops]
+            for loop in running:
+                loop.add_done_callback(ended)
             yield
             for loop in running:
                 loop.cancel()
@@ -215,10 +230,12 @@ def serve(cfg: DictConfig) -> None:
         max_bytes, max_auth_bytes = int(cfg.max_request_mb * 2**20), int(cfg.max_auth_kb * 2**10)
         app = create_app(service, sessions, cfg.max_tasks_per_request, max_bytes, lifespan,
                          max_auth_bytes=max_auth_bytes, auth_timeout=cfg.auth_timeout,
-                         public_url=cfg.public_url or "", fallback_url=fallback)
+                         public_url=cfg.public_url or "", fallback_url=fallback,
+                         max_pending=cfg.max_inflight_per_connection + cfg.max_tasks_per_request)
         config = uvicorn.Config(app, log_level=cfg.log_level, access_log=False, ws_max_size=max_bytes,
                                 ws=first_frame_capped(max_auth_bytes), ws_ping_interval=KEEPALIVE,
-                                ws_ping_timeout=KEEPALIVE, lifespan="on")
+                                ws_ping_timeout=KEEPALIVE, lifespan="on",
+                                timeout_graceful_shutdown=cfg.drain_timeout)
         held = (lambda: len(worker.held)) if worker is not None else (lambda: 0)  # queued tasks this worker runs
         Server(config, service, lambda: app.state.pending() + held(), cfg.drain_timeout,
                f"serving on http://{address} (ws://{address}/v1)").run(sockets=[sock])

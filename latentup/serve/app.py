@@ -1,12 +1,14 @@
 """The ASGI app (Starlette): REST and WebSocket on one port, as the hosted API (RUNWARE.md §1).
 
 - ``POST /v1`` (and ``/``): a JSON array of tasks; the key as ``Authorization: Bearer KEY`` (checked before the body
-  is read) or a first ``authentication`` task (then the body may hold at most ``max_auth_bytes``); the answer is
+  is read) or a first ``authentication`` task (then the body may hold at most ``max_auth_bytes`` and must arrive
+  within ``auth_timeout`` s; a server without keys takes ``max_request_bytes`` from anyone); the answer is
   ``{"data": [...], "errors": [...]}`` once every task is answered. A client that leaves takes its tasks with it.
 - WebSocket ``/v1`` (and ``/``): the first message authenticates within ``auth_timeout`` s and ``max_auth_bytes``
   (``connectionSessionUUID`` resumes a session; tasks beside it in that message are answered too); then any number
   of task arrays, each task answered on its own as ``{"data": [item]}`` / ``{"errors": [error]}``, matched by
-  taskUUID; answers that finish while the client is away wait in its session.
+  taskUUID; answers that finish while the client is away wait in its session. A connection with ``max_pending``
+  answers not yet made or delivered (a client that does not read them) is not read until some are.
 - ``GET /image/<imageUUID>.<suffix>``: stored uploads and outputs (``nosniff``); ``GET /health``: queue and counters.
 
 Without ``public_url``, imageURLs start with the request's own ``Host`` (when it is a plain host[:port]), else
@@ -75,7 +77,19 @@ def _is_auth(task) -> bool:
     return isinstance(task, dict) and task.get("taskType") == "authentication"
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(request: Request, limit: int, deadline: float | None = None) -> bytes:
+    """The body, at most ``limit`` bytes, arrived within ``deadline`` s (None: no deadline)."""
+    try:
+        return await asyncio.wait_for(_read_all(request, limit), deadline)
+    except asyncio.TimeoutError:
+        raise RequestError(TaskError("requestTimeout", f"the request body did not arrive within {deadline:g} s: "
+                                     "send it at once (or authenticate with Authorization: Bearer KEY)")) from None
+    except asyncio.CancelledError:  # a shutdown's grace period ended while the body still arrived
+        raise RequestError(TaskError("serverShuttingDown", "the server shut down while the request arrived: send "
+                                     "it to another server or retry later")) from None
+
+
+async def _read_all(request: Request, limit: int) -> bytes:
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -92,7 +106,9 @@ async def _until_gone(request: Request) -> None:
 
 def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request_bytes: int, lifespan=None, *,
                max_auth_bytes: int = 256 * 2**10, auth_timeout: float = 5.0, public_url: str = "",
-               fallback_url: str = ""):
+               fallback_url: str = "", max_pending: int = 116):
+    """``max_pending``: answers of one WebSocket connection being made or delivered before its next message is
+    read (backpressure)."""
     answering: set[asyncio.Task] = set()  # WebSocket answers being made or delivered (they outlive their socket)
 
     def base_url(scope) -> str:
@@ -114,8 +130,10 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
                     raise RequestError(_auth_error(key))
                 tasks = parse_request(await _read_body(request, max_request_bytes), max_tasks)
                 authenticating = _is_auth(tasks[0])
-            else:
-                tasks = parse_request(await _read_body(request, max_auth_bytes), max_tasks)
+            else:  # unauthenticated until the body says otherwise: a small body, soon (unless no key is needed)
+                body = await (_read_body(request, max_auth_bytes, auth_timeout) if service.keys else
+                              _read_body(request, max_request_bytes))
+                tasks = parse_request(body, max_tasks)
                 authenticating = _is_auth(tasks[0])
                 key = tasks[0].get("apiKey") if authenticating else None
                 if service.key_id(key) is None:
@@ -156,6 +174,7 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
                 return
             caller = Caller(session.key_id, base_url(websocket.scope), connection=websocket,
                             session=session.uuid if sessions.shared else None)
+            mine: set[asyncio.Future] = set()  # this connection's answers not yet made or delivered
             while True:
                 for task in tasks:
                     if _is_auth(task):
@@ -164,8 +183,11 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
                         continue
                     job = asyncio.ensure_future(_answer(session, task, caller))
                     session.track(job)
-                    answering.add(job)
-                    job.add_done_callback(answering.discard)
+                    for jobs in (answering, mine):
+                        jobs.add(job)
+                        job.add_done_callback(jobs.discard)
+                while len(mine) >= max_pending:  # a client that does not read its answers is not read either
+                    await asyncio.wait(set(mine), return_when=asyncio.FIRST_COMPLETED)
                 try:
                     tasks = parse_request(await _receive(websocket), max_tasks)
                 except RequestError as failure:

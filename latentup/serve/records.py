@@ -30,6 +30,7 @@ class Record:
     image: tuple[str, str, str] | None = None
     expires: float = float("inf")
     token: str = ""
+    unsent: bool = False  # answered, but its WebSocket session was gone (Redis restarted empty): not delivered
 
 
 def conflict(task_uuid: str) -> TaskError:
@@ -43,7 +44,8 @@ def too_many_running(cap: int) -> TaskError:
 
 
 def too_many_records(count: int) -> TaskError:
-    return TaskError("rateLimitExceeded", f"{count} tasks of this key are running: wait for some")
+    return TaskError("rateLimitExceeded", f"{count} tasks of this key are remembered and none has finished: wait "
+                     "for some")
 
 
 def kept(message: dict) -> tuple[dict, tuple[str, str, str] | None]:

@@ -108,5 +108,8 @@ class Link:
                     log.warning("lost Redis (%s): retrying every %g s", error, TICK)
                     lost = True
                 await asyncio.sleep(TICK)
+            except Exception as error:  # never end the loop: log it and go on
+                log.error("notes and ticks: %s: %s: retrying in %g s", type(error).__name__, error, TICK)
+                await asyncio.sleep(TICK)
             finally:
                 await pubsub.aclose()

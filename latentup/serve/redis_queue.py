@@ -48,6 +48,7 @@ class SharedQueue:
             await self._add({"owner": caller.key_id, "uuid": ticket.task_uuid, "token": ticket.token,
                              "task": json.dumps(dataclasses.asdict(parsed)), "data": data, "base": caller.base_url,
                              "session": ticket.session or ""})
+            ticket.queued = True
             accepted.set_result(None)
             await asyncio.wait_for(self.waiters[waiting], self.task_timeout)
         except asyncio.TimeoutError:

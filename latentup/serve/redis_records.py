@@ -7,7 +7,8 @@ remembered task (by expiry: the record cap), the finished ones (by expiry: the o
 Claim and finish are Lua scripts, so each is one atomic step however many replicas race: a reused taskUUID is a
 conflict everywhere, and a claim is answered once (the first finish wins; a task run by two workers, or timed out
 by its front-end while a worker finished it, has one answer). The finish that wins also puts the answer in the
-task's WebSocket session, if it has one, and notes the waiting replica.
+task's WebSocket session, if it has one (a session Redis lost marks the record ``unsent``: its front-end delivers
+it), and notes the waiting replica.
 """
 
 import json
@@ -58,9 +59,11 @@ else
   redis.call('ZADD', KEYS[2], now + ttl, ARGV[1])
   redis.call('ZADD', KEYS[3], now + ttl, ARGV[1])
 end
-push(KEYS[5], KEYS[6], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[13])
+local pushed = push(KEYS[5], KEYS[6], ARGV[8], ARGV[9], ARGV[10], ARGV[11], ARGV[13])
+if pushed == 0 and ARGV[13] ~= '' then redis.call('HSET', KEYS[1], 'unsent', '1') end
 local owner = redis.call('HGET', KEYS[1], 'reply')
 redis.call('PUBLISH', ARGV[11] .. owner, ARGV[14])
+if pushed == 0 and ARGV[13] ~= '' then return 2 end
 return 1
 """
 
@@ -101,11 +104,13 @@ class RedisRecords:
         image = json.loads(fields["image"]) if fields.get("image") else None
         answer = json.loads(fields["answer"]) if "answer" in fields else None
         return Record(fields["type"], fields["keep"] == "1", fields["state"] != "running", answer,
-                      tuple(image) if image else None, token=fields["token"])
+                      tuple(image) if image else None, token=fields["token"], unsent="unsent" in fields)
 
     @guarded
     async def finish(self, owner: str, task_uuid: str, token: str, message: dict, ttl: float,
-                     session: str | None = None) -> bool:
+                     session: str | None = None) -> int:
+        """1 when this finish answered the claim, 2 when it did but its session was gone from Redis (the caller
+        delivers it), 0 when the claim was answered already."""
         answer, image = kept(message)
         text = dumps(message)
         note = json.dumps({"kind": "task", "owner": owner, "uuid": task_uuid})
@@ -113,7 +118,7 @@ class RedisRecords:
             task_uuid, token, time.time(), ttl, dumps(answer), json.dumps(image) if image else "",
             int("errors" in message), text, overflow(text, message), self.session_max_bytes, key("replica", ""),
             FAILED_TTL, session or "", note])
-        return bool(won)
+        return int(won)
 
     async def purge(self) -> None:
         """Nothing to do: Redis expires records itself, and each claim trims its key's sets."""

@@ -3,13 +3,15 @@ it did not receive, once, wherever it was made.
 
 A session is a hash (API key id, the replica holding its socket, byte counts) with two lists: ``buf``, answers
 waiting for a socket, and ``sent``, answers written to a socket and not yet known received (``time text``).
-Whoever makes an answer pushes it to ``buf`` (while no socket holds the session, at most ``max_bytes``: beyond, the
-short ``sessionBufferFull`` error in its place) and notes the holder, whose pump moves it to the socket and to
-``sent``. Delivery is acknowledged as in ``sessions.py``: ``sent`` forgets a message once the socket outlived it by
+Whoever makes an answer pushes it to ``buf`` (at most ``max_bytes``, held by a socket or not, though a held session
+takes one answer of any size into an empty ``buf``: beyond, the short ``sessionBufferFull`` error in its place) and
+notes the holder, whose pump moves it to the socket and to ``sent``.
+Delivery is acknowledged as in ``sessions.py``: ``sent`` forgets a message once the socket outlived it by
 ``ack_after`` seconds; a clean close forgets them all; any other loss, and any resume (on this replica or another,
 even after this one was killed), gives them back to the head of ``buf``. A resume elsewhere tells the old holder to
-close its socket. The holder keeps the keys alive; a detached session expires ``ttl`` seconds later, and the tasks
-still running for it here are stopped. The scripts are atomic, so two replicas never both send one message.
+close its socket. The holder keeps the keys alive, and recreates a hash Redis lost (restarted empty, evicted) at its
+next tick or answer; a detached session expires ``ttl`` seconds later, and the tasks still running for it here are
+stopped. The scripts are atomic, so two replicas never both send one message.
 """
 
 import asyncio
@@ -28,7 +30,8 @@ PUSH = """
 local function push(hash, buf, text, spill, max, prefix, sid)
   if redis.call('EXISTS', hash) == 0 then return 0 end
   local holder = redis.call('HGET', hash, 'holder')
-  if holder == '' and tonumber(redis.call('HGET', hash, 'bytes')) + #text > tonumber(max) then text = spill end
+  local bytes = tonumber(redis.call('HGET', hash, 'bytes'))
+  if bytes + #text > tonumber(max) and (holder == '' or bytes > 0) then text = spill end
   redis.call('RPUSH', buf, text)
   redis.call('HINCRBY', hash, 'bytes', #text)
   local ttl = redis.call('PTTL', hash)
@@ -134,10 +137,12 @@ class RedisSession:
 
     async def deliver(self, message: dict) -> None:
         text = dumps(message)
+        push = self.sessions.scripts["deliver"]
+        arguments = [text, overflow(text, message), self.sessions.max_bytes, key("replica", ""), self.uuid]
         try:
-            await self.sessions.scripts["deliver"](self.keys, [text, overflow(text, message),
-                                                               self.sessions.max_bytes, key("replica", ""),
-                                                               self.uuid])
+            if not await push(self.keys, arguments) and self.socket is not None:  # Redis lost it (restarted empty)
+                await self.sessions.create(self, self.sessions.link.id)
+                await push(self.keys, arguments)
         except DOWN:  # Redis is away: straight to the socket, if there is one
             if self.socket is not None:
                 with contextlib.suppress(Exception):
@@ -190,11 +195,16 @@ class RedisSessions:
             session = self._local.get(resume) or RedisSession(self, resume, key_id)
         else:
             session = RedisSession(self, str(uuid.uuid4()), key_id)
-            await self.link.aio.hset(session.keys[0], mapping={"key": key_id, "holder": "", "bytes": 0,
-                                                               "sentbytes": 0})
-            await self.link.aio.pexpire(session.keys[0], self.ttl_ms)
+            await self.create(session, "")
         self._local[session.uuid] = session
         return session
+
+    async def create(self, session: RedisSession, holder: str) -> None:
+        """(Re)create the session's hash, held by ``holder`` ('' for none), with its TTL in one transaction."""
+        async with self.link.aio.pipeline(transaction=True) as pipe:
+            pipe.hset(session.keys[0], mapping={"key": session.key_id, "holder": holder, "bytes": 0, "sentbytes": 0})
+            pipe.pexpire(session.keys[0], self.refresh_ms if holder else self.ttl_ms)
+            await pipe.execute()
 
     async def _news(self, note: dict) -> None:
         session = self._local.get(note["session"])
@@ -208,6 +218,16 @@ class RedisSessions:
             await _close(socket)
 
     async def _pump_all(self) -> None:
+        """Every tick: recreate the hashes Redis lost (restarted empty, evicted) of the sessions held here, so the
+        answers made elsewhere reach them again; then send what waits."""
+        held = [session for session in self._local.values() if session.socket is not None]
+        if held:
+            pipe = self.link.aio.pipeline(transaction=False)
+            for session in held:
+                pipe.exists(session.keys[0])
+            for session, exists in zip(held, await pipe.execute()):
+                if not exists and session.socket is not None:
+                    await self.create(session, self.link.id)
         for session in list(self._local.values()):
             await session.pump()
 

@@ -7,7 +7,8 @@ it is accepted (a refusal claims nothing, so its taskUUID can be sent again); in
 decoded, outputs encoded and stored, in worker threads, so the event loop never blocks. Upscales wait in the
 :class:`Batcher` (in Redis mode: in the shared stream, run by whichever replica's worker takes them); a model-side
 failure is the server's ``internalError``, never the client's ``invalidParameter``. Every accepted task ends with
-its claim answered once, by whoever answers first (a worker, or this front-end on a timeout or a stop).
+its claim answered once, by whoever answers first (a worker, or this front-end on a timeout or a stop; a task already
+in the shared stream is left to the worker when its front-end stops).
 """
 
 import asyncio
@@ -32,6 +33,7 @@ from latentup.serve.tasks import (UPSCALE_TYPES, Sources, TaskError, check_with_
 
 log = logging.getLogger("latentup.serve")
 HTTP_STATUS = {"missingApiKey": 401, "invalidApiKey": 401, "taskNotFound": 404, "conflictTaskUUID": 409,
+               "requestTimeout": 408,
                "requestTooLarge": 413, "rateLimitExceeded": 429, "queueFull": 503, "serverShuttingDown": 503,
                "serviceUnavailable": 503,
                "timeoutProvider": 504, "internalError": 500}
@@ -66,6 +68,7 @@ class Ticket:
     place: Place | None = None
     session: str | None = None
     held: list = field(default_factory=list)
+    queued: bool = False  # in the shared stream: a worker answers its claim even if this front-end stops
 
     def release(self) -> None:
         while self.held:
@@ -110,6 +113,7 @@ class Service:
         self._background: set[asyncio.Future] = set()
         self._closing: set[asyncio.Future] = set()  # claims of stopped tasks being answered
         self.draining = False
+        self.broken = False  # a background loop ended: /health says unavailable
 
     # authentication
     def key_id(self, key) -> str | None:
@@ -172,9 +176,8 @@ class Service:
             self.limits.check_prompts(parsed)  # before any tokenizer runs over it
             check_with_model(self.upscaler, parsed)
             ticket.keep = parsed.delivery == "async"
-            ticket.place = await self._reserve()  # before decoding: a full queue costs the server nothing
-            if ticket.place is not None:
-                ticket.held.append(ticket.place.release)
+            if not self._fetched(parsed.image):  # before decoding: a full queue costs the server nothing
+                await self._take_place(ticket)
         ticket.session = None if ticket.keep else caller.session  # async answers wait for getResponse
         try:
             if caller.connection is not None:
@@ -187,6 +190,15 @@ class Service:
         if task_type == "imageUpload":
             return lambda accepted: self._upload(value, task_type, task_uuid, caller, accepted), ticket
         return lambda accepted: self._upscale(parsed, caller, ticket, accepted), ticket
+
+    def _fetched(self, value: str) -> bool:
+        """Whether the input is a URL fetched with async I/O (its queue place is taken once it arrived)."""
+        return self.fetch is not None and value.startswith(("http://", "https://"))
+
+    async def _take_place(self, ticket: Ticket) -> None:
+        ticket.place = await self._reserve()
+        if ticket.place is not None:
+            ticket.held.append(ticket.place.release)
 
     async def _reserve(self) -> Place | None:
         if self.queue is not None:
@@ -208,7 +220,7 @@ class Service:
             self.in_flight -= 1
             self._background.discard(finished)
             ticket.release()  # also for a task stopped before its work started
-            if finished.cancelled():
+            if finished.cancelled() and not ticket.queued:
                 coroutine.close()
                 stopped = message(TaskError("serverShuttingDown", "the task was stopped before it was done (its "
                                             "client left or the server shut down): send it again"),
@@ -238,13 +250,16 @@ class Service:
         """Give ``answer`` to the task's claim. What the caller gets: this answer, or the one the claim got first
         (another replica's worker); None when that went to the caller's shared session."""
         try:
-            if await self.records.finish(caller.key_id, ticket.task_uuid, ticket.token, answer, self.store.ttl,
-                                         ticket.session):
-                return None if ticket.session else answer
+            won = await self.records.finish(caller.key_id, ticket.task_uuid, ticket.token, answer, self.store.ttl,
+                                            ticket.session)
+            if won:  # 2: its session was gone from Redis, so it is delivered from here
+                return None if ticket.session and won != 2 else answer
             record = await self.records.get(caller.key_id, ticket.task_uuid)
             if record is None or record.token != ticket.token or not record.done:  # lost with Redis' state
                 return answer
-            return None if ticket.session else await self.stored_answer(record, caller.key_id, ticket.task_uuid)
+            if ticket.session and not record.unsent:
+                return None
+            return await self.stored_answer(record, caller.key_id, ticket.task_uuid)
         except TaskError as error:  # the shared table is unreachable: the caller gets the answer from here
             log.warning("task %s: its answer was not recorded (%s)", ticket.task_uuid, error)
             return answer
@@ -263,7 +278,7 @@ class Service:
 
     async def _read(self, value: str, parameter: str, caller: Caller) -> bytes:
         """The bytes of an image reference: URLs fetched with async I/O, the rest read in a worker thread."""
-        if self.fetch is not None and value.startswith(("http://", "https://")):
+        if self._fetched(value):
             return await self.fetch(value, parameter)
         sources = Sources(lookup=lambda image_uuid: self.store.read(image_uuid, caller.key_id))
         return await asyncio.to_thread(read_reference, value, parameter, sources)
@@ -294,10 +309,13 @@ class Service:
 
     async def _upscale(self, parsed, caller: Caller, ticket: Ticket, accepted) -> dict:
         """Read and check the input, then run it here or hand it to the shared queue (which sets ``accepted``
-        once the task is stored in Redis)."""
+        once the task is stored in Redis). A fetched input takes its queue place once it arrived: slow fetches
+        (at most ``fetch.MAX_FETCHES`` at once) never fill the queue."""
+        data = await self._read(parsed.image, parsed.image_parameter, caller)
+        if self._fetched(parsed.image):
+            await self._take_place(ticket)
         if self.queue is None:
             accepted.set_result(None)
-        data = await self._read(parsed.image, parsed.image_parameter, caller)
         image, input_uuid = await asyncio.to_thread(load_input, parsed, Sources(lookup=lambda image_uuid: None), data)
         self.limits.check_cost(self.upscaler.settings(**parsed.settings).steps, *image.size)
         if self.queue is not None:  # answered by a worker; what the claim got is read back by _finish
@@ -370,7 +388,7 @@ class Service:
         batcher = self.batcher
         try:
             (images, size), records = await asyncio.to_thread(self.store.stats), await self.records.count()
-            status = "draining" if self.draining else "ok"
+            status = "unavailable" if self.broken else "draining" if self.draining else "ok"
         except TaskError:
             images = size = records = None
             status = "unavailable"
@@ -387,6 +405,12 @@ class Service:
         deadline = loop.time() + timeout
         while (self.in_flight or pending()) and loop.time() < deadline:
             await asyncio.sleep(0.05)
-        for job in list(self._background):
+        jobs = list(self._background)
+        for job in jobs:
             job.cancel()
+        if jobs:
+            await asyncio.wait(jobs, timeout=1.0)
+        await asyncio.sleep(0)  # their callbacks start the answers of stopped claims: they are given before exit
+        if self._closing:
+            await asyncio.wait(set(self._closing), timeout=2.0)
         self.batcher.close()
