@@ -332,9 +332,9 @@ def test_task_beside_authentication_is_answered(server):
     ping_ok(base)
 
 
-def test_uploads_are_stored_as_decoded(server):
+def test_uploads_are_stored_as_decoded(server, store_tmp):
     """30.5: trailing junk is not stored nor served; images are served with nosniff; a text/html data URI is
-    refused."""
+    refused; an image whose file went away (evicted between the index and the file) is a 404, not a 500."""
     _, base = server
     junk = base64.b64decode(small_png()) + b"<html><script>alert(1)</script>" + b"x" * 100_000
     upload = {"taskType": "imageUpload", "taskUUID": str(uuid.uuid4()), "image": base64.b64encode(junk).decode()}
@@ -342,6 +342,10 @@ def test_uploads_are_stored_as_decoded(server):
     served = httpx.get(item["imageURL"])
     assert b"<html>" not in served.content and len(served.content) < 10_000
     assert served.headers["content-type"] == "image/png" and served.headers["x-content-type-options"] == "nosniff"
+    [stored] = store_tmp.glob(f"latentup-serve-*/{item['imageURL'].rpartition('/')[2]}")
+    stored.unlink()
+    gone = httpx.get(item["imageURL"])
+    assert gone.status_code == 404 and gone.json()["errors"][0]["code"] == "taskNotFound"
     html = {**upload, "taskUUID": str(uuid.uuid4()), "image": "data:text/html;base64," + small_png()}
     assert "text/html" in post(base, [html]).json()["errors"][0]["message"]
     ping_ok(base)

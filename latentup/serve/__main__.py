@@ -21,6 +21,7 @@ from pathlib import Path
 import uvicorn
 from omegaconf import DictConfig, ListConfig
 from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
+from websockets.server import ServerProtocol
 
 from latentup.cli import command
 from latentup.config_files import config_dir
@@ -122,6 +123,9 @@ def _load(cfg: DictConfig):
 def first_frame_capped(max_bytes: int) -> type:
     """uvicorn's WebSocket protocol that reads at most ``max_bytes`` per message until the app sent its first one
     (the authentication answer): an unauthenticated client cannot make the server buffer a large frame."""
+    if not hasattr(ServerProtocol(), "max_message_size"):  # older websockets would ignore the cap silently
+        raise ConfigError("the server needs websockets >= 16.0 (its protocol has no max_message_size): "
+                          "pip install 'websockets>=16'")
 
     class FirstFrameCapped(WebSocketsSansIOProtocol):
         def __init__(self, *args, **kwargs):

@@ -19,11 +19,12 @@ import asyncio
 import contextlib
 import json
 import logging
+import os
 import re
 
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, Response
+from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket, WebSocketDisconnect
 
@@ -240,13 +241,24 @@ def create_app(service: Service, sessions: Sessions, max_tasks: int, max_request
             found = await asyncio.to_thread(service.store.get, stem)
         except TaskError as error:  # the shared store is unreachable
             return JSONResponse(message(error), status_code=HTTP_STATUS[error.code])
+        gone = TaskError("taskNotFound", "no such image here (or it expired)", "imageURL")
         if found is None or found.name != request.path_params["name"]:
-            error = TaskError("taskNotFound", "no such image here (or it expired)", "imageURL")
-            return JSONResponse(message(error), status_code=404)
+            return JSONResponse(message(gone), status_code=404)
         headers = {"X-Content-Type-Options": "nosniff"}
         if found.data is not None:
             return Response(found.data, media_type=found.mime, headers=headers)
-        return FileResponse(found.path, media_type=found.mime, headers=headers)
+        try:  # the open file outlives an eviction from now on
+            handle = await asyncio.to_thread(open, found.path, "rb")
+        except FileNotFoundError:  # evicted since
+            return JSONResponse(message(gone), status_code=404)
+
+        async def chunks():
+            with handle:
+                while chunk := await asyncio.to_thread(handle.read, 2**20):
+                    yield chunk
+
+        headers["Content-Length"] = str(os.fstat(handle.fileno()).st_size)
+        return StreamingResponse(chunks(), media_type=found.mime, headers=headers)
 
     async def health(request: Request) -> JSONResponse:
         found = await service.health()

@@ -119,9 +119,6 @@ class Batcher:
         self._prune()
         return len(self.jobs) + self.reserved
 
-    def full(self) -> bool:
-        return self._used() >= self.max_queue
-
     def reserve(self) -> "Place":
         """Hold a place for a job submitted later (``submit(..., place)``) or given back (``place.release()``)."""
         if self._used() >= self.max_queue:

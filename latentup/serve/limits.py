@@ -3,7 +3,8 @@
 - ``max_prompt_chars``: a longer ``positivePrompt`` / ``negativePrompt`` is refused before the text tokenizer sees it;
 - ``max_step_megapixels``: ``steps`` x the output's megapixels of one task;
 - ``max_inflight_per_key`` / ``max_inflight_per_connection``: tasks accepted and not yet answered (per key: the
-  unanswered claims of the taskUUID table, ``records.py``, shared in Redis mode; per connection: ``InFlight``).
+  unanswered claims of the taskUUID table, ``records.py``, counted there with ``InFlight`` or in Redis; per
+  connection: ``InFlight``).
 """
 
 from collections import Counter
@@ -35,6 +36,11 @@ class Limits:
                             "steps or a smaller image", "settings.steps")
 
 
+def too_many_running(cap: int, what: str = "API key") -> TaskError:
+    return TaskError("rateLimitExceeded", f"{cap} tasks of this {what} are in flight already: wait for an answer "
+                     "before sending more")
+
+
 class InFlight:
     """Counts of tasks accepted and not yet answered, per key (an API key's id, or a connection)."""
 
@@ -44,8 +50,7 @@ class InFlight:
 
     def acquire(self, key) -> None:
         if self._counts[key] >= self.cap:
-            raise TaskError("rateLimitExceeded", f"{self.cap} tasks of this {self.what} are in flight already: wait "
-                            "for an answer before sending more")
+            raise too_many_running(self.cap, self.what)
         self._counts[key] += 1
 
     def release(self, key) -> None:
@@ -53,5 +58,3 @@ class InFlight:
         if self._counts[key] <= 0:
             del self._counts[key]
 
-    def total(self) -> int:
-        return sum(self._counts.values())

@@ -12,9 +12,10 @@ same table in Redis, for every replica; both have this async interface.
 
 import time
 import uuid
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 
+from latentup.serve.limits import InFlight
 from latentup.serve.tasks import TaskError
 
 
@@ -38,11 +39,6 @@ def conflict(task_uuid: str) -> TaskError:
                      "taskUUID")
 
 
-def too_many_running(cap: int) -> TaskError:
-    return TaskError("rateLimitExceeded", f"{cap} tasks of this API key are in flight already: wait for an answer "
-                     "before sending more")
-
-
 def too_many_records(count: int) -> TaskError:
     return TaskError("rateLimitExceeded", f"{count} tasks of this key are remembered and none has finished: wait "
                      "for some")
@@ -61,9 +57,9 @@ def kept(message: dict) -> tuple[dict, tuple[str, str, str] | None]:
 
 class Records:
     def __init__(self, max_per_key: int, max_inflight: int = 2**62):
-        self.max_per_key, self.max_inflight = max_per_key, max_inflight
+        self.max_per_key = max_per_key
         self._tables: dict[str, OrderedDict[str, Record]] = {}
-        self._running: Counter = Counter()
+        self._running = InFlight(max_inflight, "API key")
 
     async def claim(self, owner: str, task_uuid: str, task_type: str, keep: bool) -> str:
         """The token of a new claim of ``task_uuid``, or a TaskError (nothing claimed)."""
@@ -71,16 +67,15 @@ class Records:
         self._purge(table)
         if task_uuid in table:
             raise conflict(task_uuid)
-        if self._running[owner] >= self.max_inflight:
-            raise too_many_running(self.max_inflight)
+        self._running.acquire(owner)
         if len(table) >= self.max_per_key:
             finished = next((key for key, record in table.items() if record.done), None)
             if finished is None:
+                self._running.release(owner)
                 raise too_many_records(len(table))
             del table[finished]
         token = str(uuid.uuid4())
         table[task_uuid] = Record(task_type, keep, token=token)
-        self._running[owner] += 1
         return token
 
     async def get(self, owner: str, task_uuid: str) -> Record | None:
@@ -96,9 +91,7 @@ class Records:
         record = table.get(task_uuid)
         if record is None or record.token != token or record.done:
             return False
-        self._running[owner] -= 1
-        if self._running[owner] <= 0:
-            del self._running[owner]
+        self._running.release(owner)
         if "errors" in message and not record.keep:
             del table[task_uuid]
             return True

@@ -9,6 +9,7 @@ a note lost with the link (Redis restarted, a reconnect) delays an answer by a t
 
 import asyncio
 import functools
+import inspect
 import json
 import logging
 import uuid
@@ -35,29 +36,24 @@ def unavailable() -> TaskError:
 
 
 def guarded(method):
-    """An async method whose lost link is the client's ``serviceUnavailable`` error."""
-
-    @functools.wraps(method)
-    async def wrapper(*args, **kwargs):
-        try:
-            return await method(*args, **kwargs)
-        except DOWN:
-            raise unavailable() from None
-
-    return wrapper
-
-
-def guarded_sync(method):
-    """A method run in a worker thread whose lost link is the client's ``serviceUnavailable`` error."""
+    """A method (async, or run in a worker thread) whose lost link is the client's ``serviceUnavailable`` error."""
 
     @functools.wraps(method)
     def wrapper(*args, **kwargs):
         try:
-            return method(*args, **kwargs)
+            result = method(*args, **kwargs)
         except DOWN:
             raise unavailable() from None
+        return _guarded_await(result) if inspect.isawaitable(result) else result
 
     return wrapper
+
+
+async def _guarded_await(awaitable):
+    try:
+        return await awaitable
+    except DOWN:
+        raise unavailable() from None
 
 
 class Link:

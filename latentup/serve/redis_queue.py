@@ -10,7 +10,7 @@ import json
 import redis
 
 from latentup.serve.redis_link import Link, guarded, key
-from latentup.serve.tasks import TaskError
+from latentup.serve.tasks import TaskError, error_object
 
 STREAM = key("tasks")
 GROUP = "workers"
@@ -56,9 +56,9 @@ class SharedQueue:
                             "fewer steps") from None
         finally:
             self.waiters.pop(waiting, None)
-        return {"errors": [{"code": "serviceUnavailable", "message": "the task was lost with the shared store's "
-                            "state (Redis restarted empty): send it again", "taskType": ticket.task_type,
-                            "taskUUID": ticket.task_uuid}]}
+        return {"errors": [error_object(TaskError("serviceUnavailable", "the task was lost with the shared store's "
+                                                  "state (Redis restarted empty): send it again"),
+                                        ticket.task_type, ticket.task_uuid)]}
 
     @guarded
     async def _add(self, fields: dict) -> None:

@@ -14,7 +14,8 @@ it), and notes the waiting replica.
 import json
 import time
 
-from latentup.serve.records import Record, conflict, kept, too_many_records, too_many_running
+from latentup.serve.limits import too_many_running
+from latentup.serve.records import Record, conflict, kept, too_many_records
 from latentup.serve.redis_link import Link, guarded, key
 from latentup.serve.redis_sessions import PUSH, session_keys
 from latentup.serve.sessions import overflow

@@ -9,7 +9,7 @@ room, in the same Lua step that adds one. Used from worker threads (the synchron
 import time
 import uuid
 
-from latentup.serve.redis_link import Link, guarded_sync, key
+from latentup.serve.redis_link import Link, guarded, key
 from latentup.serve.store import Entry
 from latentup.serve.tasks import TaskError
 
@@ -50,7 +50,7 @@ class RedisStore:
         self._put = link.sync.register_script(PUT)
         self._purge = link.sync.register_script(PURGE)
 
-    @guarded_sync
+    @guarded
     def put(self, data: bytes, suffix: str, mime: str, ttl: float | None = None, owner: str = "") -> tuple[str, str]:
         """Store ``data`` for ``ttl`` seconds (at most the store's); returns (imageUUID, file name)."""
         if len(data) > self.max_bytes:
@@ -62,7 +62,7 @@ class RedisStore:
                           min(ttl or self.ttl, self.ttl), self.max_bytes])
         return image_uuid, name
 
-    @guarded_sync
+    @guarded
     def get(self, image_uuid: str) -> Entry | None:
         """The entry of a live image (with its bytes), else None."""
         data, mime, owner, name = self.link.sync.hmget(key("image", image_uuid), "data", "mime", "owner", "name")
@@ -76,12 +76,12 @@ class RedisStore:
         entry = self.get(image_uuid)
         return entry.data if entry is not None and entry.owner == owner else None
 
-    @guarded_sync
+    @guarded
     def purge(self) -> int:
         """Drop expired images from the index (Redis already deleted their bytes); returns how many."""
         return self._purge(INDEX, [key("image", ""), time.time()])
 
-    @guarded_sync
+    @guarded
     def stats(self) -> tuple[int, int]:
         """(images, bytes) held by every replica."""
         count, size = self.link.sync.zcard(INDEX[0]), self.link.sync.get(INDEX[2])
